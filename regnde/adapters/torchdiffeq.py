@@ -1,0 +1,746 @@
+"""The torchdiffeq backend, a regnde plugin.
+
+How it records: torchdiffeq keeps stages and errors local to ``_adaptive_step``, so regnde
+runs each adaptive Runge–Kutta method through a subclass of torchdiffeq's own solver class whose
+step is upstream's step plus recording (same operations, so ``ys`` are identical in value). The
+subclasses are installed into ``torchdiffeq``'s solver table only while a regnde solve or a
+:func:`regularize` block is active, and record only for the thread that opened it; solves run
+by a backward pass (the adjoint's) never record. Registered tableaus that torchdiffeq lacks
+(``tsit5``, third-party ones) become torchdiffeq methods under their own names.
+
+Methods: ``dopri5``, ``dopri8``, ``bosh3``, ``fehlberg2``, ``heun`` (alias ``adaptive_heun``)
+run torchdiffeq's own classes with their own dense output. torchdiffeq treats every tableau as
+FSAL, so its ``adaptive_heun`` starts each step from ``f`` at the previous step's Euler
+predictor instead of at ``y1``; regnde reproduces that as torchdiffeq runs it. Registered
+tableaus run a generic class that evaluates ``f(t1, y1)`` for non-FSAL tableaus and interpolates
+by cubic Hermite between steps (or by the tableau's ``mid`` weights, if given).
+
+Step sizes are constants for autodiff (torchdiffeq lets the first one carry a gradient), so
+gradients through ``ys`` can differ from plain torchdiffeq's in the last digits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+import torchdiffeq  # noqa: F401  (imports the submodules below)
+from torchdiffeq._impl.interp import _interp_evaluate
+from torchdiffeq._impl.rk_common import (
+    RKAdaptiveStepsizeODESolver,
+    _ButcherTableau,
+    _runge_kutta_step,
+    _RungeKuttaState,
+)
+
+from regnde.backend import Backend, SolveRequest, StepRequest
+from regnde.errors import (
+    MaxStepsExceeded,
+    NonFiniteError,
+    StepSizeUnderflow,
+    max_steps_exceeded,
+    non_finite_f,
+    underflow,
+)
+from regnde.plugins.hookspecs import hookimpl
+from regnde.regularizers import evaluate
+from regnde.tableau import Tableau
+from regnde.trace import Solution, Stats, StepResult, Trace
+
+# torchdiffeq._impl.__init__ shadows the module ``odeint`` with the function of that name.
+_td_odeint = importlib.import_module("torchdiffeq._impl.odeint")
+_td_adjoint = importlib.import_module("torchdiffeq._impl.adjoint")
+_td_misc = importlib.import_module("torchdiffeq._impl.misc")
+
+SOLVERS: dict[str, Any] = _td_odeint.SOLVERS
+_ORIGINAL: dict[str, Any] = dict(SOLVERS)
+
+#: canonical regnde name -> torchdiffeq name, for torchdiffeq's own adaptive RK methods.
+NATIVE = {"dopri5": "dopri5", "dopri8": "dopri8", "bosh3": "bosh3", "fehlberg2": "fehlberg2",
+          "heun": "adaptive_heun"}
+ALIASES = {"adaptive_heun": "heun"}
+#: torchdiffeq's own solver arguments (anything else in ``options`` is an error).
+SOLVER_OPTIONS = ("first_step", "min_step", "max_step", "step_t", "jump_t", "safety", "ifactor",
+                  "dfactor", "max_num_steps", "dtype", "norm")
+ADJOINT_OPTIONS = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options",
+                   "adjoint_params")
+
+
+# -- tableaus ---------------------------------------------------------------------------------
+def to_regnde(name: str, td: _ButcherTableau, order: int, pair: tuple[int, int] | None,
+              mid: Any = None) -> Tableau:
+    """A :class:`Tableau` from torchdiffeq's coefficients (the values it actually runs)."""
+    c = (0.0, *(float(x) for x in td.alpha))
+    a = ((), *(tuple(float(x) for x in row) for row in td.beta))
+    mid_t = None if mid is None else tuple(float(x) for x in mid)
+    return Tableau(name, order=order, c=c, a=a, b=tuple(float(x) for x in td.c_sol),
+                   b_error=tuple(float(x) for x in td.c_error), stiffness_pair=pair, mid=mid_t)
+
+
+def to_torchdiffeq(tab: Tableau) -> _ButcherTableau:
+    f64 = torch.float64
+    return _ButcherTableau(
+        alpha=torch.tensor(tab.c[1:], dtype=f64),
+        beta=[torch.tensor(row, dtype=f64) for row in tab.a[1:]],
+        c_sol=torch.tensor(tab.b, dtype=f64),
+        c_error=torch.tensor(tab.b_error, dtype=f64),
+    )
+
+
+def _pair(td: _ButcherTableau) -> tuple[int, int] | None:
+    """The last two stages with equal ``c`` (Dormand–Prince: stages 6 and 7, 1-based)."""
+    c = [0.0, *(float(x) for x in td.alpha)]
+    for p in range(len(c) - 1, 0, -1):
+        for q in range(p - 1, -1, -1):
+            if c[p] == c[q]:
+                return (q, p)
+    return None
+
+
+def native_tableau(name: str) -> Tableau:
+    cls = _ORIGINAL[NATIVE[name]]
+    return to_regnde(name, cls.tableau, cls.order, _pair(cls.tableau), cls.mid)
+
+
+# -- randomness -------------------------------------------------------------------------------
+class TorchKey:
+    """A :class:`regnde.backend.Key` over torch: an int seed (pure: same key, same draws), a
+    ``torch.Generator`` (stateful), or ``None`` (torch's global generator)."""
+
+    def __init__(self, seed: int | None = None, generator: torch.Generator | None = None,
+                 path: tuple[int, ...] = ()):
+        self.seed, self.generator, self.path = seed, generator, path
+
+    def uniform(self, like: torch.Tensor) -> torch.Tensor:
+        if self.seed is not None:
+            state = np.random.SeedSequence([self.seed % 2**63, *self.path]).generate_state(2)
+            g = torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+            u = torch.rand((), generator=g, dtype=torch.float64)
+        elif self.generator is not None:
+            u = torch.rand((), generator=self.generator, dtype=torch.float64,
+                           device=self.generator.device)
+        else:
+            u = torch.rand((), dtype=torch.float64)
+        return u.to(dtype=like.dtype, device=like.device)
+
+    def fold(self, index: int) -> TorchKey:
+        if self.seed is not None:
+            return TorchKey(self.seed, path=(*self.path, index))
+        gen = self.generator
+        seed = torch.randint(0, 2**62, (), generator=gen, device=gen.device if gen else "cpu")
+        return TorchKey(int(seed))
+
+    def __repr__(self) -> str:
+        return f"TorchKey(seed={self.seed}, path={self.path})"
+
+
+def make_key(key: Any) -> TorchKey:
+    if isinstance(key, TorchKey):
+        return key
+    if key is None:
+        return TorchKey()
+    if isinstance(key, torch.Generator):
+        return TorchKey(generator=key)
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return TorchKey(int(key))
+    raise ValueError(
+        f"key must be an int seed, a torch.Generator or None on torch backends, got {key!r}."
+    )
+
+
+# -- the one RK step every path uses -----------------------------------------------------------
+def _stiffness(k: torch.Tensor, dt: torch.Tensor, tab: Tableau, w: torch.Tensor | None
+               ) -> torch.Tensor | None:
+    """Shampine's estimate ``|k_p - k_q| / |Y_p - Y_q|`` from stages ``k`` (stages last)."""
+    if w is None or tab.stiffness_pair is None:
+        return None
+    p, q = tab.stiffness_pair
+    num = torch.linalg.vector_norm(k[..., p] - k[..., q])
+    den = torch.linalg.vector_norm(torch.sum(k * (dt.to(k.dtype) * w), dim=-1))
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _diff_weights(tab: Tableau, like: torch.Tensor) -> torch.Tensor | None:
+    w = tab.stage_difference_weights()
+    return None if w is None else torch.tensor(w, dtype=like.dtype, device=like.device)
+
+
+def rk_step(func: Any, tab: Tableau, td: _ButcherTableau, y: torch.Tensor, f0: torch.Tensor,
+            t0: torch.Tensor, dt: torch.Tensor, rtol: Any, atol: Any, norm: Any,
+            w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                             torch.Tensor]:
+    """``(y1, error, stiffness, k)`` of one step in the solver's (increasing) time."""
+    y1, _, y1_error, k = _runge_kutta_step(func, y, f0, t0, dt, t0 + dt, tableau=td)
+    error = _td_misc._compute_error_ratio(y1_error, rtol, atol, y, y1, norm)
+    return y1, error, _stiffness(k, dt, tab, w), k
+
+
+def _device_tableau(td: _ButcherTableau, like: torch.Tensor) -> _ButcherTableau:
+    kw = {"dtype": like.dtype, "device": like.device}
+    return _ButcherTableau(alpha=td.alpha.to(**kw), beta=[b.to(**kw) for b in td.beta],
+                           c_sol=td.c_sol.to(**kw), c_error=td.c_error.to(**kw))
+
+
+class _Counting:
+    """Counts vector-field evaluations; forwards torchdiffeq's callbacks."""
+
+    def __init__(self, func: Any):
+        self.func, self.n = func, 0
+
+    def __call__(self, t: Any, y: Any, **kw: Any) -> Any:
+        self.n += 1
+        return self.func(t, y, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.func, name)
+
+
+# -- recording ---------------------------------------------------------------------------------
+_local = threading.local()
+
+
+def _stack() -> list[Any]:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+def _active_context() -> Any:
+    """The innermost regnde context of this thread, unless a backward pass is running."""
+    stack = _stack()
+    if not stack or torch._C._current_autograd_node() is not None:
+        return None
+    return stack[-1]
+
+
+_ADJOINT_FORWARD = _td_adjoint.OdeintAdjointMethod.forward.__code__
+
+
+def _inside_adjoint_forward() -> bool:
+    frame = sys._getframe(1)
+    for _ in range(40):
+        if frame is None:
+            return False
+        if frame.f_code is _ADJOINT_FORWARD:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class Recorder:
+    """Collects one solve's accepted steps, then evaluates the regularizer on them."""
+
+    def __init__(self, solver: Any, *, regularizer: Any, key: TorchKey, sensitivity: str,
+                 trace: str, max_steps: int, grad: bool):
+        self.solver = solver
+        self.counter: _Counting = solver.func
+        self.regularizer, self.key, self.sensitivity = regularizer, key, sensitivity
+        self.trace_mode, self.max_steps, self.grad = trace, max_steps, grad
+        self.tab: Tableau = solver.regnde_tableau
+        self.reversed = _is_reversed(self.counter.func)
+        self.keep_states = trace == "full" or (regularizer is not None
+                                              and regularizer.needs_states())
+        self.ts: list[torch.Tensor] = []
+        self.dts: list[torch.Tensor] = []
+        self.ys: list[torch.Tensor] = []
+        self.errors: list[torch.Tensor] = []
+        self.stiff: list[torch.Tensor] = []
+        self.attempts = 0
+        self.rejected = 0
+        self.probes: dict[int, torch.Tensor] = {}
+        self.captured: dict[int, torch.Tensor] = {}
+        self.presampled: dict[int, Any] = {}
+        self.value: Any = None
+        self.on_end: Callable[[Recorder], None] | None = None
+
+    # user time <-> solver time
+    def to_solver(self, x: torch.Tensor) -> torch.Tensor:
+        return -x if self.reversed else x
+
+    def begin(self, t: torch.Tensor) -> None:
+        """``t``: the output times in solver time (increasing)."""
+        self.t_end = t[-1]
+        self.t0, self.t1 = t[0].detach(), t[-1].detach()
+        if self.regularizer is not None:
+            user_t0, user_t1 = self.to_solver(self.t0), self.to_solver(self.t1)
+            self.presampled = self.regularizer.presample(user_t0, user_t1, self.key)
+            self.probes = {id(v): self.to_solver(v) for v in self.presampled.values()}
+
+    def attempt(self, t0: torch.Tensor) -> None:
+        self.attempts += 1
+        if self.attempts > self.max_steps:
+            raise MaxStepsExceeded(max_steps_exceeded(
+                self.max_steps, float(self.to_solver(t0)), float(self.t1)))
+
+    def accept(self, t0: torch.Tensor, dt: torch.Tensor, y0: torch.Tensor, error: torch.Tensor,
+               k: torch.Tensor, interp_coeff: list[torch.Tensor], t1: torch.Tensor) -> None:
+        self.ts.append(t0)
+        self.dts.append(dt)
+        self.errors.append(error)
+        if self.keep_states:
+            self.ys.append(y0 if self.trace_mode == "full" else y0.detach())
+        s = _stiffness(k, dt, self.tab, self.solver.regnde_w)
+        if s is not None:
+            self.stiff.append(s)
+        for pid, tau in self.probes.items():
+            if pid not in self.captured and t0 <= tau <= t1:
+                self.captured[pid] = _interp_evaluate(interp_coeff, t0, t1, tau)
+
+    def end(self) -> None:
+        n = len(self.ts)
+        t = torch.stack(self.ts)
+        dt = torch.stack(self.dts)
+        dt[-1] = torch.minimum(dt[-1], self.t_end - t[-1])  # the last step overshoots t1
+        sign = -1.0 if self.reversed else 1.0
+        self.trace = Trace(
+            t=sign * t, dt=sign * dt, mask=torch.ones(n, dtype=torch.bool, device=t.device),
+            n_steps=n, error=torch.stack(self.errors),
+            stiffness=torch.stack(self.stiff) if self.stiff else None,
+            y=torch.stack(self.ys) if self.trace_mode == "full" else None,
+        )
+        self.stats = Stats(nfe=self.counter.n, nfe_reg=0, n_steps=n, n_rejected=self.rejected)
+        if self.regularizer is not None:
+            run = TorchRun(self)
+            before = self.counter.n
+            with torch.set_grad_enabled(self.grad):
+                self.value = evaluate(self.regularizer, run, self.key, self.presampled)
+            self.stats.nfe_reg = self.counter.n - before
+        self.solver = None  # drop the solver (and its graph references) once done
+        if self.on_end is not None:
+            self.on_end(self)
+
+
+def _is_reversed(func: Any) -> bool:
+    inner = getattr(func, "base_func", None)
+    return isinstance(inner, _td_misc._ReverseFunc)
+
+
+class TorchRun:
+    """The :class:`regnde.backend.Run` of a torchdiffeq solve (user's time direction)."""
+
+    def __init__(self, rec: Recorder):
+        self.rec = rec
+        self.solver = rec.solver
+        self.trace = rec.trace
+        self.sensitivity = rec.sensitivity
+        self.tableau = rec.tab
+        s = -1.0 if rec.reversed else 1.0
+        self.t0, self.t1 = s * rec.t0, s * rec.t1
+
+    def state_at(self, tau: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        rec = self.rec
+        u = rec.captured.get(id(tau))
+        if u is None:
+            u = self._from_trace(tau)
+        return u if differentiable else u.detach()
+
+    def _from_trace(self, tau: torch.Tensor) -> torch.Tensor:
+        rec, solver = self.rec, self.solver
+        tau_s = rec.to_solver(tau)
+        j = int(torch.searchsorted(torch.stack(rec.ts), tau_s.reshape(1), right=True)) - 1
+        j = max(0, min(j, len(rec.ts) - 1))
+        y0 = rec.ys[j]
+        if bool(rec.ts[j] == tau_s):
+            return y0
+        t0, dt = rec.ts[j], rec.dts[j]
+        f0 = solver.func(t0, y0)
+        y1, _, _, k = rk_step(solver.func, rec.tab, solver.tableau, y0, f0, t0, dt, solver.rtol,
+                              solver.atol, solver.norm, solver.regnde_w)
+        coeff = solver._interp_fit(y0, y1, k, dt)
+        return _interp_evaluate(coeff, t0, t0 + dt, tau_s)
+
+    def step(self, tau: torch.Tensor, y: torch.Tensor, dt: torch.Tensor,
+             first_stage: str = "differentiable") -> StepResult:
+        rec, solver = self.rec, self.solver
+        tau_s, dt_s = rec.to_solver(tau).detach(), rec.to_solver(dt).detach()
+        f0 = solver.func(tau_s, y)
+        if first_stage == "constant":
+            f0 = f0.detach()
+        y1, error, stiff, k = rk_step(solver.func, rec.tab, solver.tableau, y, f0, tau_s, dt_s,
+                                      solver.rtol, solver.atol, solver.norm, solver.regnde_w)
+        return StepResult(t=tau, dt=dt, y1=y1, error=error, stiffness=stiff,
+                          stages=k.movedim(-1, 0))
+
+    def initial_dt(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rec, solver = self.rec, self.solver
+        tau_s = rec.to_solver(tau).detach()
+        h = _td_misc._select_initial_step(solver.func, tau_s, y, solver.order - 1, solver.rtol,
+                                          solver.atol, solver.norm).detach()
+        h = torch.minimum(h.to(tau_s.dtype), rec.t1 - tau_s)
+        return rec.to_solver(h)
+
+
+# -- solver classes ----------------------------------------------------------------------------
+class _RecordingMixin:
+    """Upstream's adaptive step plus recording, active only inside a regnde context."""
+
+    regnde_tableau: Tableau
+    generic: bool = False
+
+    def __init__(self, func: Any, y0: torch.Tensor, rtol: Any, atol: Any, **kwargs: Any):
+        ctx = _active_context()
+        if ctx is not None:
+            func = _Counting(func)
+        super().__init__(func=func, y0=y0, rtol=rtol, atol=atol, **kwargs)  # type: ignore[call-arg]
+        self.regnde_w = _diff_weights(self.regnde_tableau, y0)
+        self._rec: Recorder | None = None if ctx is None else ctx.recorder_for(self)
+
+    def integrate(self, t: torch.Tensor) -> torch.Tensor:
+        rec = self._rec
+        if rec is None:
+            return super().integrate(t)  # type: ignore[misc]
+        rec.begin(t.to(self.dtype))  # type: ignore[attr-defined]
+        solution = super().integrate(t)  # type: ignore[misc]
+        rec.end()
+        return solution
+
+    def _adaptive_step(self, rk_state: Any) -> Any:
+        if self._rec is None and not self.generic:
+            return super()._adaptive_step(rk_state)  # type: ignore[misc]
+        return self._regnde_step(rk_state)
+
+    def _regnde_step(self, rk_state: Any) -> Any:
+        # Upstream rk_common.RKAdaptiveStepsizeODESolver._adaptive_step, plus recording and
+        # regnde's errors. Keep the arithmetic identical: ys must equal torchdiffeq's.
+        s: Any = self
+        rec = self._rec
+        y0, f0, _, t0, dt, interp_coeff = rk_state
+        if not torch.isfinite(dt):
+            dt = s.min_step
+        dt = dt.clamp(s.min_step, s.max_step).detach()
+        s.func.callback_step(t0, y0, dt)
+        t1 = t0 + dt
+        if not t0 + dt > t0:
+            raise StepSizeUnderflow(underflow(float(t0), float(dt)))
+        if not torch.isfinite(y0).all():
+            raise NonFiniteError(non_finite_f(float(t0)))
+        if rec is not None:
+            rec.attempt(t0)
+
+        on_step_t = False
+        if len(s.step_t):
+            next_step_t = s.step_t[s.next_step_index]
+            on_step_t = t0 < next_step_t < t0 + dt
+            if on_step_t:
+                t1 = next_step_t
+                dt = t1 - t0
+        on_jump_t = False
+        if len(s.jump_t):
+            next_jump_t = s.jump_t[s.next_jump_index]
+            on_jump_t = t0 < next_jump_t < t0 + dt
+            if on_jump_t:
+                on_step_t = False
+                t1 = next_jump_t
+                dt = t1 - t0
+
+        y1, f1, y1_error, k = _runge_kutta_step(s.func, y0, f0, t0, dt, t1, tableau=s.tableau)
+        error_ratio = _td_misc._compute_error_ratio(y1_error, s.rtol, s.atol, y0, y1, s.norm)
+        if torch.isnan(error_ratio):
+            raise NonFiniteError(non_finite_f(float(t0)))
+        accept_step = error_ratio <= 1
+        if dt > s.max_step:
+            accept_step = False
+        if dt <= s.min_step:
+            accept_step = True
+
+        if accept_step:
+            s.func.callback_accept_step(t0, y0, dt)
+            t_next = t1
+            y_next = y1
+            if self.generic and not self.regnde_tableau.fsal:
+                f1 = s.func(t_next, y_next)
+                k_interp = torch.cat([k[..., :1], f1.unsqueeze(-1)], dim=-1)
+            else:
+                k_interp = k
+            interp_coeff = s._interp_fit(y0, y_next, k_interp, dt)
+            if on_step_t and s.next_step_index != len(s.step_t) - 1:
+                s.next_step_index += 1
+            if on_jump_t:
+                if s.next_jump_index != len(s.jump_t) - 1:
+                    s.next_jump_index += 1
+                f1 = s.func(t_next, y_next, perturb=_td_misc.Perturb.NEXT)
+            f_next = f1
+            if rec is not None:
+                rec.accept(t0, dt, y0, error_ratio, k, interp_coeff, t_next)
+        else:
+            s.func.callback_reject_step(t0, y0, dt)
+            t_next = t0
+            y_next = y0
+            f_next = f0
+            if rec is not None:
+                rec.rejected += 1
+        dt_next = _td_misc._optimal_step_size(dt, error_ratio, s.safety, s.ifactor, s.dfactor,
+                                              s.order)
+        dt_next = dt_next.clamp(s.min_step, s.max_step)
+        return _RungeKuttaState(y_next, f_next, t0, t_next, dt_next, interp_coeff)
+
+
+class TableauSolver(_RecordingMixin, RKAdaptiveStepsizeODESolver):
+    """A torchdiffeq solver for any registered :class:`Tableau` (subclassed per tableau)."""
+
+    generic = True
+
+    def _interp_fit(self, y0: torch.Tensor, y1: torch.Tensor, k: torch.Tensor,
+                    dt: torch.Tensor) -> list[torch.Tensor]:
+        if self.regnde_tableau.mid is not None and not self.generic_hermite:
+            return super()._interp_fit(y0, y1, k, dt)
+        # Cubic Hermite from f(t0) = k[..., 0] and f(t1) = k[..., -1] (set by the caller).
+        dt = dt.type_as(y0)
+        f0, f1 = k[..., 0], k[..., -1]
+        return [y0, dt * f0, 3 * (y1 - y0) - dt * (2 * f0 + f1), 2 * (y0 - y1) + dt * (f0 + f1)]
+
+
+def tableau_solver(tab: Tableau) -> type:
+    mid = torch.tensor(tab.mid if tab.mid is not None else [0.0] * tab.stages,
+                       dtype=torch.float64)
+    return type(f"Regnde_{tab.name}", (TableauSolver,), {
+        "order": tab.order, "tableau": to_torchdiffeq(tab), "mid": mid, "regnde_tableau": tab,
+        # Hermite needs f(t1); for FSAL tableaus k[..., -1] is f(t1), otherwise the step
+        # passes f(t1) as the last column. mid weights need all stages, so only FSAL uses them.
+        "generic_hermite": tab.mid is None or not tab.fsal,
+    })
+
+
+_RECORDING: dict[str, type] = {}
+
+
+def _recording_class(td_name: str) -> type:
+    if td_name not in _RECORDING:
+        base = _ORIGINAL[td_name]
+        canonical = ALIASES.get(td_name, td_name)
+        _RECORDING[td_name] = type(f"Recording{base.__name__}", (_RecordingMixin, base),
+                                   {"regnde_tableau": native_tableau(canonical)})
+    return _RECORDING[td_name]
+
+
+_patch_lock = threading.Lock()
+_patch_depth = 0
+
+
+@contextmanager
+def recording_solvers() -> Iterator[None]:
+    """Install the recording subclasses of torchdiffeq's own methods while active."""
+    global _patch_depth
+    with _patch_lock:
+        if _patch_depth == 0:
+            for td_name in NATIVE.values():
+                SOLVERS[td_name] = _recording_class(td_name)
+        _patch_depth += 1
+    try:
+        yield
+    finally:
+        with _patch_lock:
+            _patch_depth -= 1
+            if _patch_depth == 0:
+                for td_name in NATIVE.values():
+                    SOLVERS[td_name] = _ORIGINAL[td_name]
+
+
+def install_tableau(tab: Tableau) -> str:
+    """Make a registered tableau a torchdiffeq method; returns its torchdiffeq name."""
+    existing = SOLVERS.get(tab.name)
+    if existing is not None and getattr(existing, "regnde_tableau", None) == tab:
+        return tab.name
+    name = tab.name if tab.name not in _ORIGINAL else f"regnde_{tab.name}"
+    SOLVERS[name] = tableau_solver(tab)
+    return name
+
+
+@contextmanager
+def _pushed(ctx: Any) -> Iterator[Any]:
+    stack = _stack()
+    stack.append(ctx)
+    try:
+        with recording_solvers():
+            yield ctx
+    finally:
+        stack.remove(ctx)
+
+
+class _SolveContext:
+    """One :func:`regnde.solve` call: records the first solver it sees."""
+
+    def __init__(self, request: SolveRequest, grad: bool):
+        self.request, self.grad = request, grad
+        self.recorder: Recorder | None = None
+
+    def recorder_for(self, solver: Any) -> Recorder | None:
+        if self.recorder is not None:
+            return None
+        r = self.request
+        self.recorder = Recorder(solver, regularizer=r.regularizer, key=make_key(r.key),
+                                 sensitivity=r.sensitivity, trace=r.trace,
+                                 max_steps=r.max_steps, grad=self.grad)
+        return self.recorder
+
+
+class Block:
+    """The drop-in: ``with regnde.regularize(reg, key=0) as r:`` around unchanged torchdiffeq
+    calls. ``r.value`` sums the regularizer over the solves inside (``None`` before any);
+    ``r.stats`` sums their counts; ``r.traces`` lists their traces."""
+
+    def __init__(self, regularizer: Any, key: Any = None, trace: str = "summary",
+                 max_steps: int = 4096):
+        from regnde.regularizers import as_regularizer
+
+        self.regularizer = as_regularizer(regularizer)
+        self.key = make_key(key)
+        self.trace_mode, self.max_steps = trace, max_steps
+        self.value: Any = None
+        self.stats = Stats()
+        self.traces: list[Trace] = []
+        self.n_solves = 0
+        self._cm: Any = None
+
+    def recorder_for(self, solver: Any) -> Recorder:
+        sensitivity = "adjoint" if _inside_adjoint_forward() else "direct"
+        self.regularizer.check(sensitivity=sensitivity, tableau=solver.regnde_tableau,
+                               backend="torchdiffeq")
+        key = self.key if self.n_solves == 0 else self.key.fold(self.n_solves)
+        self.n_solves += 1
+        rec = Recorder(solver, regularizer=self.regularizer, key=key, sensitivity=sensitivity,
+                       trace=self.trace_mode, max_steps=self.max_steps, grad=True)
+        rec.on_end = self._collect
+        return rec
+
+    def _collect(self, rec: Recorder) -> None:
+        self.value = rec.value if self.value is None else self.value + rec.value
+        for field in ("nfe", "nfe_reg", "n_steps", "n_rejected"):
+            setattr(self.stats, field, getattr(self.stats, field) + getattr(rec.stats, field))
+        self.traces.append(rec.trace)
+
+    def __enter__(self) -> Block:
+        self._cm = _pushed(self)
+        self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cm.__exit__(*exc)
+
+
+# -- the backend ---------------------------------------------------------------------------------
+class TorchdiffeqBackend(Backend):
+    """``backend="torchdiffeq"``: ``odeint`` (direct) and ``odeint_adjoint`` (adjoint)."""
+
+    name = "torchdiffeq"
+    framework = "torch"
+
+    def native_methods(self) -> Mapping[str, Tableau | None]:
+        return {name: native_tableau(name) for name in NATIVE}
+
+    def aliases(self) -> Mapping[str, str]:
+        return ALIASES
+
+    def owns(self, y0: Any) -> bool:
+        return isinstance(y0, torch.Tensor)
+
+    def make_key(self, key: Any) -> TorchKey:
+        return make_key(key)
+
+    def td_method(self, method: str, tableau: Tableau | None) -> str:
+        if method in NATIVE:
+            return NATIVE[method]
+        assert tableau is not None
+        return install_tableau(tableau)
+
+    def solve(self, request: SolveRequest) -> Solution:
+        r = request
+        make_key(r.key)  # validate early
+        options = dict(r.options)
+        adjoint_kw = {k: options.pop(k) for k in ADJOINT_OPTIONS if k in options}
+        _check_solver_options(options, r.sensitivity, adjoint_kw)
+        if not callable(r.f):
+            raise ValueError(f"f must be a callable f(t, y) returning dy/dt, got {r.f!r}.")
+        method = self.td_method(r.method, r.tableau)
+        ctx = _SolveContext(r, grad=torch.is_grad_enabled())
+        with _pushed(ctx):
+            if r.sensitivity == "adjoint":
+                if not isinstance(r.f, torch.nn.Module) and "adjoint_params" not in adjoint_kw:
+                    raise ValueError(
+                        "sensitivity='adjoint' needs f to be a torch.nn.Module (its parameters "
+                        "get gradients), or pass adjoint_params=(...) explicitly."
+                    )
+                adjoint_kw.setdefault("adjoint_method", method)
+                adjoint_kw.setdefault("adjoint_options",
+                                      {k: v for k, v in options.items() if k != "norm"})
+                ys = _td_adjoint.odeint_adjoint(r.f, r.y0, r.t, rtol=r.rtol, atol=r.atol,
+                                                method=method, options=options, **adjoint_kw)
+            else:
+                ys = _td_odeint.odeint(r.f, r.y0, r.t, rtol=r.rtol, atol=r.atol, method=method,
+                                       options=options)
+        rec = ctx.recorder
+        assert rec is not None, "torchdiffeq did not run a regnde solver"
+        return Solution(ys=ys, reg=rec.value, stats=rec.stats, trace=rec.trace)
+
+    def regularize(self, regularizer: Any, key: Any = None, trace: str = "summary",
+                   max_steps: int = 4096) -> Block:
+        return Block(regularizer, key=key, trace=trace, max_steps=max_steps)
+
+    def step(self, request: StepRequest) -> StepResult:
+        r = request
+        if not isinstance(r.y, torch.Tensor):
+            raise ValueError(f"y must be a torch.Tensor on torchdiffeq, got {type(r.y)}.")
+        y = r.y
+        t_dtype = torch.promote_types(torch.float64, y.abs().dtype)
+        t = torch.as_tensor(r.t, dtype=t_dtype, device=y.device).detach()
+        tab = r.tableau if r.method not in NATIVE else native_tableau(r.method)
+        assert tab is not None
+        cls = _ORIGINAL[NATIVE[r.method]] if r.method in NATIVE else tableau_solver(tab)
+        td = _device_tableau(cls.tableau, y)
+        norm = r.options.get("norm", _td_misc._rms_norm)
+        rtol = torch.as_tensor(r.rtol, dtype=t_dtype, device=y.device)
+        atol = torch.as_tensor(r.atol, dtype=t_dtype, device=y.device)
+        forward = _td_misc._PerturbFunc(r.f)
+        if r.dt is None:
+            f0 = forward(t, y)
+            dt = r.options.get("first_step")
+            if dt is None:
+                dt = _td_misc._select_initial_step(forward, t, y, cls.order - 1, rtol, atol,
+                                                   norm, f0=f0)
+            dt = torch.as_tensor(dt, dtype=t_dtype, device=y.device).detach()
+            sign = 1.0
+        else:
+            dt = torch.as_tensor(r.dt, dtype=t_dtype, device=y.device).detach()
+            sign = 1.0 if bool(dt >= 0) else -1.0
+        func = forward if sign > 0 else _td_misc._PerturbFunc(_td_misc._ReverseFunc(r.f, -1.0))
+        ts, dts = sign * t, sign * dt
+        if r.dt is not None or sign < 0:
+            f0 = func(ts, y)
+        y1, error, stiff, k = rk_step(func, tab, td, y, f0, ts, dts, rtol, atol, norm,
+                                      _diff_weights(tab, y))
+        return StepResult(t=t, dt=dt, y1=y1, error=error, stiffness=stiff,
+                          stages=k.movedim(-1, 0))
+
+
+def _check_solver_options(options: dict[str, Any], sensitivity: str,
+                          adjoint_kw: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(SOLVER_OPTIONS))
+    if unknown:
+        allowed = ", ".join((*SOLVER_OPTIONS, *ADJOINT_OPTIONS))
+        raise ValueError(
+            f"unknown torchdiffeq option(s) {unknown}; allowed: {allowed}. "
+            f"(regnde's own arguments such as rtol or max_steps are keywords of solve.)"
+        )
+    if adjoint_kw and sensitivity != "adjoint":
+        raise ValueError(f"options {sorted(adjoint_kw)} need sensitivity='adjoint'.")
+
+
+def _signature_ok() -> bool:
+    params = inspect.signature(RKAdaptiveStepsizeODESolver.__init__).parameters
+    return all(p in params for p in SOLVER_OPTIONS if p != "norm")
+
+
+assert _signature_ok(), "torchdiffeq's solver options changed; regnde needs torchdiffeq 0.2.5"
+
+
+@hookimpl
+def regnde_register_backends(register: Callable[[str, Any], None]) -> None:
+    register("torchdiffeq", TorchdiffeqBackend)

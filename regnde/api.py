@@ -1,0 +1,174 @@
+"""The user-facing entry points: :func:`solve`, :func:`step`, :func:`backends`, :func:`methods`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from regnde.backend import Backend, SolveRequest, StepRequest
+from regnde.errors import choices
+from regnde.plugins.manager import registry
+from regnde.tableau import Tableau
+from regnde.trace import Solution, StepResult
+from regnde.validate import check_options, check_state, check_times, framework_of
+
+#: The backend chosen when ``backend=None``, by framework of ``y0`` and by ODE/SDE.
+DEFAULT_BACKENDS = {("torch", False): "torchdiffeq", ("torch", True): "torchsde",
+                    ("jax", False): "diffrax", ("jax", True): "diffrax"}
+
+
+def backends() -> list[str]:
+    """Names of the registered backends."""
+    return registry().names("backend")
+
+
+def methods(backend: str) -> list[str]:
+    """Adaptive methods of ``backend``: its own and, if it runs tableaus, every registered one."""
+    b = registry().backend(backend)
+    names = set(b.native_methods())
+    if b.runs_tableaus:
+        names |= set(registry().tableaus())
+    return sorted(names)
+
+
+def is_sde(f: Any) -> bool:
+    """Whether ``f`` has the torchsde interface (drift ``f``, diffusion ``g``, ``noise_type``)."""
+    return hasattr(f, "g") and hasattr(f, "noise_type")
+
+
+def resolve_backend(backend: str | None, f: Any, y0: Any) -> Backend:
+    reg = registry()
+    if backend is None:
+        fw = framework_of(y0)
+        name = DEFAULT_BACKENDS.get((fw, is_sde(f)))
+        if name is None:
+            raise ValueError(
+                f"cannot infer a backend from y0 of type {type(y0).__module__}."
+                f"{type(y0).__name__}; pass a torch tensor or JAX array, or name a backend "
+                f"(backend=...): {', '.join(reg.names('backend'))}."
+            )
+        backend = name
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be a name (str) or None, got {backend!r}.")
+    b = reg.backend(backend)
+    if not b.owns(y0):
+        fits = DEFAULT_BACKENDS.get((framework_of(y0), is_sde(f)))
+        hint = f" backend={fits!r} fits y0." if fits else ""
+        raise ValueError(
+            f"backend {backend!r} takes {b.framework} arrays but y0 is a "
+            f"{type(y0).__module__}.{type(y0).__name__}.{hint}"
+        )
+    return b
+
+
+def resolve_method(b: Backend, method: str | None) -> tuple[str, Tableau | None]:
+    """Canonical method name and its tableau (``None`` for methods without one)."""
+    if method is None:
+        if b.default_method is None:
+            return "", None
+        method = b.default_method
+    if not isinstance(method, str):
+        raise ValueError(f"method must be a name (str) or None, got {method!r}.")
+    name = b.aliases().get(method, method)
+    native = b.native_methods()
+    tableaus = registry().tableaus() if b.runs_tableaus else {}
+    if name in native:
+        return name, native[name] if native[name] is not None else tableaus.get(name)
+    if name in tableaus:
+        return name, tableaus[name]
+    elsewhere = [n for n in backends() if n != b.name and _has_method(n, name)]
+    hint = f"It is a method of backend(s): {', '.join(elsewhere)}." if elsewhere else ""
+    raise ValueError(choices(f"method of backend {b.name!r}", method, methods(b.name), hint))
+
+
+def _has_method(backend: str, method: str) -> bool:
+    try:
+        b = registry().backend(backend)
+    except Exception:
+        return False
+    return method in b.native_methods() or method in b.aliases() or (
+        b.runs_tableaus and method in registry().tableaus()
+    )
+
+
+def solve(
+    f: Any,
+    y0: Any,
+    t: Any,
+    backend: str | None = None,
+    method: str | None = None,
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+    sensitivity: str = "direct",
+    regularizer: Any = None,
+    key: Any = None,
+    max_steps: int = 4096,
+    trace: str = "full",
+    **options: Any,
+) -> Solution:
+    """Solve ``dy/dt = f(t, y)`` with an adaptive solver, record its steps, and regularize.
+
+    Args:
+        f: vector field ``f(t, y)`` in the backend's framework (an SDE object with ``f``/``g``
+            for SDE backends).
+        y0: initial state, any shape; the leading axis is part of one system (shared steps).
+        t: ``(T,)`` strictly monotonic output times; decreasing solves backwards in time.
+        backend: a registered backend name; ``None`` infers it from ``y0``.
+        method: a method of that backend (see :func:`methods`); ``None``: its default.
+        rtol, atol: tolerances of the step-size controller.
+        sensitivity: ``"direct"`` (backpropagate through the solver) or ``"adjoint"``.
+        regularizer: a regnde regularizer or ``None``.
+        key: randomness for samplers: int seed, ``torch.Generator``, JAX PRNG key or ``None``.
+        max_steps: limit on all steps (accepted and rejected).
+        trace: ``"full"`` records states per step; ``"summary"`` only t, dt, error, stiffness.
+        **options: backend options passed through unchanged.
+
+    Returns:
+        :class:`Solution` with ``ys`` of shape ``(T, *y0.shape)``, differentiable w.r.t. ``y0``
+        and the parameters of ``f`` (through the solver or by the adjoint), and ``reg``.
+    """
+    check_options(sensitivity, trace, max_steps, rtol, atol)
+    b = resolve_backend(backend, f, y0)
+    check_times(t, y0)
+    check_state(y0)
+    name, tableau = resolve_method(b, method)
+    if sensitivity not in b.sensitivities:
+        raise ValueError(choices(f"sensitivity of backend {b.name!r}", sensitivity,
+                                 b.sensitivities))
+    if regularizer is not None:
+        from regnde.regularizers import as_regularizer
+
+        regularizer = as_regularizer(regularizer)
+        regularizer.check(sensitivity=sensitivity, tableau=tableau, backend=b.name)
+    request = SolveRequest(f=f, y0=y0, t=t, method=name, tableau=tableau, rtol=rtol, atol=atol,
+                           sensitivity=sensitivity, regularizer=regularizer, key=key,
+                           max_steps=max_steps, trace=trace, options=dict(options))
+    return b.solve(request)
+
+
+def step(
+    f: Any,
+    t: Any,
+    y: Any,
+    backend: str | None = None,
+    method: str | None = None,
+    dt: Any = None,
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+    **options: Any,
+) -> StepResult:
+    """One step of ``method`` from ``(t, y)``.
+
+    Args:
+        t: scalar start time. y: state, any shape. dt: signed step size, or ``None`` for the
+            backend's own initial step selection.
+
+    Returns:
+        :class:`StepResult` (``y1``, ``error``, ``stiffness``, ``stages``), differentiable w.r.t.
+        ``y`` and the parameters of ``f``; ``dt`` is a constant.
+    """
+    check_options("direct", "full", 1, rtol, atol)
+    b = resolve_backend(backend, f, y)
+    check_state(y)
+    name, tableau = resolve_method(b, method)
+    return b.step(StepRequest(f=f, t=t, y=y, method=name, tableau=tableau, dt=dt, rtol=rtol,
+                              atol=atol, options=dict(options)))

@@ -1,0 +1,142 @@
+"""The contract a backend implements, and what regularizers see of a finished solve.
+
+Nothing here imports torch or jax: a backend adapter (a plugin module in
+``regnde/adapters``) implements :class:`Backend` for one framework.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from regnde.tableau import Tableau
+from regnde.trace import Array, Solution, StepResult, Trace
+
+SENSITIVITIES = ("direct", "adjoint")
+TRACE_MODES = ("full", "summary")
+
+
+class Key(Protocol):
+    """A backend's source of randomness for samplers (made by :meth:`Backend.make_key`)."""
+
+    def uniform(self, like: Array) -> Array:
+        """A scalar uniform on ``[0, 1)`` with the dtype and device of ``like``."""
+        ...
+
+    def fold(self, index: int) -> Key:
+        """An independent key derived from this one and ``index``."""
+        ...
+
+
+class Run(Protocol):
+    """A finished solve, as a regularizer sees it (times in the user's direction).
+
+    Attributes:
+        trace: the :class:`Trace`. t0, t1: start and end time (scalars of the backend).
+        sensitivity: ``"direct"`` or ``"adjoint"``. tableau: the method that ran.
+    """
+
+    trace: Trace
+    t0: Array
+    t1: Array
+    sensitivity: str
+    tableau: Tableau
+
+    def state_at(self, tau: Array, differentiable: bool = False) -> Array:
+        """The solution at ``tau`` from the solver's own dense output, ``y0.shape``.
+
+        Constant unless ``differentiable`` (possible with ``sensitivity="direct"`` only)."""
+        ...
+
+    def step(
+        self, tau: Array, y: Array, dt: Array, first_stage: str = "differentiable"
+    ) -> StepResult:
+        """One step of the solve's method, tolerances and vector field from ``(tau, y)``.
+
+        Differentiable w.r.t. ``y`` and the vector field's parameters; ``dt`` is a constant.
+        ``first_stage="constant"`` treats ``f(tau, y)`` as a constant (the reference's choice).
+        """
+        ...
+
+    def initial_dt(self, tau: Array, y: Array) -> Array:
+        """The backend's initial step-size selection at ``(tau, y)``, clipped to ``t1 - tau``."""
+        ...
+
+
+@dataclass
+class SolveRequest:
+    """Everything :func:`regnde.solve` passes to a backend, validated and resolved."""
+
+    f: Any
+    y0: Any
+    t: Any
+    method: str
+    tableau: Tableau | None
+    rtol: float
+    atol: float
+    sensitivity: str
+    regularizer: Any
+    key: Any
+    max_steps: int
+    trace: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepRequest:
+    """Everything :func:`regnde.step` passes to a backend."""
+
+    f: Any
+    t: Any
+    y: Any
+    method: str
+    tableau: Tableau | None
+    dt: Any
+    rtol: float
+    atol: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """A solver suite behind regnde's protocol.
+
+    Class attributes:
+        name: registry name. framework: ``"torch"`` or ``"jax"`` (for error messages).
+        sensitivities: the sensitivities :meth:`solve` supports.
+        runs_tableaus: whether registered tableaus become methods of this backend.
+        sde: whether the backend solves SDEs.
+    """
+
+    name: ClassVar[str]
+    framework: ClassVar[str]
+    sensitivities: ClassVar[tuple[str, ...]] = SENSITIVITIES
+    runs_tableaus: ClassVar[bool] = True
+    sde: ClassVar[bool] = False
+    default_method: ClassVar[str | None] = "dopri5"
+
+    @abstractmethod
+    def native_methods(self) -> Mapping[str, Tableau | None]:
+        """Adaptive methods the backend implements itself, canonical name -> tableau (or
+        ``None`` where it has no Runge–Kutta tableau)."""
+
+    def aliases(self) -> Mapping[str, str]:
+        """Other accepted names, alias -> canonical name."""
+        return {}
+
+    @abstractmethod
+    def owns(self, y0: Any) -> bool:
+        """Whether ``y0`` is an array of this backend's framework."""
+
+    @abstractmethod
+    def solve(self, request: SolveRequest) -> Solution:
+        """Solve with recording; evaluate ``request.regularizer`` if given."""
+
+    @abstractmethod
+    def step(self, request: StepRequest) -> StepResult:
+        """One step from ``(t, y)``; ``dt=None`` uses the backend's initial step selection."""
+
+    @abstractmethod
+    def make_key(self, key: Any) -> Key:
+        """Turn a user's ``key`` (int seed, generator, PRNG key or ``None``) into a :class:`Key`."""

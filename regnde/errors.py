@@ -1,0 +1,66 @@
+"""Exceptions and the messages users read. Each message lives here once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class SolverError(RuntimeError):
+    """A solve could not finish (step-size underflow, step limit, non-finite values)."""
+
+
+class MaxStepsExceeded(SolverError):
+    """More solver steps (accepted and rejected) than ``max_steps``."""
+
+
+class StepSizeUnderflow(SolverError):
+    """The step size fell below what the time variable can resolve."""
+
+
+class NonFiniteError(SolverError, FloatingPointError):
+    """The vector field, the state or a regularizer produced NaN or Inf."""
+
+
+class PluginError(RuntimeError):
+    """Something provided by a plugin could not be used; the message names the plugin."""
+
+
+def choices(kind: str, given: object, valid: Iterable[str], hint: str = "") -> str:
+    """``unknown KIND 'x'; valid: a, b, c. HINT``"""
+    listed = ", ".join(sorted(valid)) or "(none)"
+    msg = f"unknown {kind} {given!r}; valid {kind}s: {listed}."
+    return f"{msg} {hint}".rstrip()
+
+
+def max_steps_exceeded(max_steps: int, t: float, t_end: float) -> str:
+    return (
+        f"the solver used more than max_steps={max_steps} steps (accepted and rejected) and "
+        f"reached t={t:.6g} of t_end={t_end:.6g}; the problem may be stiff or the tolerances "
+        f"too tight: raise max_steps, loosen rtol/atol, or regularize the model."
+    )
+
+
+def underflow(t: float, dt: float) -> str:
+    return (
+        f"step size underflow at t={t:.6g} (dt={dt:.3g}): the solver cannot make progress. "
+        f"The vector field may be non-finite or discontinuous there; check f, loosen rtol/atol, "
+        f"or use a stiff solver outside regnde."
+    )
+
+
+def non_finite_f(t: float) -> str:
+    return (
+        f"the vector field returned NaN or Inf at t={t:.6g}; regnde stops instead of "
+        f"shrinking the step forever. Check f for overflow or division by zero."
+    )
+
+
+def non_finite_y0() -> str:
+    return "y0 contains NaN or Inf; pass finite initial values."
+
+
+def non_finite_regularizer(name: str, where: str) -> str:
+    return (
+        f"regularizer {name} is NaN or Inf ({where}); the solve or the sampled step produced "
+        f"non-finite values. Check f and the tolerances."
+    )

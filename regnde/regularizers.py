@@ -1,0 +1,408 @@
+"""Regularizers that make neural differential equations cheap to solve.
+
+Every regularizer is written once against the backend-neutral :class:`regnde.backend.Run`:
+array-API operations on the :class:`regnde.Trace` fields with ``trace.mask``, no Python loop
+over steps and no Python branch on array values, so the same code runs eagerly on torch and
+under ``jax.jit``.
+
+- :class:`GlobalError` (ERNODE) and :class:`GlobalStiffness` (SRNODE) reduce the solver's own
+  per-step estimates; they need ``sensitivity="direct"``.
+- :class:`LocalError` and :class:`LocalStiffness` sample one time ``tau`` and take one extra step
+  there; they work with every sensitivity.
+
+Regularizers compose: ``2.5 * LocalError() + 0.1 * GlobalStiffness()``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from array_api_compat import array_namespace
+
+from regnde.errors import NonFiniteError, choices, non_finite_regularizer
+from regnde.plugins.hookspecs import hookimpl
+from regnde.samplers import Sampler, take
+from regnde.tableau import Tableau
+from regnde.trace import Array, Trace
+from regnde.validate import is_concrete
+
+REDUCTIONS = ("sum", "mean", "max")
+
+#: Size of the stability region on the negative real axis, by method: the reference
+#: implementation divides stiffness estimates by it (``variant="reference"``).
+STABILITY_SIZE = {"tsit5": 3.5068, "dopri5": 3.3066}
+
+Presampled = dict[int, Array]
+
+
+class Regularizer(ABC):
+    """Base class of regnde regularizers.
+
+    Subclasses implement :meth:`value`; :meth:`check` rejects sensitivities and methods the
+    regularizer cannot work with, before any solving.
+    """
+
+    name: ClassVar[str] = "regularizer"
+    needs_direct: ClassVar[bool] = False
+
+    def check(self, *, sensitivity: str, tableau: Tableau | None, backend: str) -> None:
+        """Raise ``ValueError`` if this regularizer cannot run with these choices."""
+        if self.needs_direct and sensitivity != "direct":
+            raise ValueError(
+                f"{self!r} backpropagates through the solver's own estimates and needs "
+                f"sensitivity='direct', got {sensitivity!r}. With the adjoint use a local "
+                f"regularizer (LocalError / LocalStiffness), which takes one extra step and works "
+                f"with any sensitivity."
+            )
+
+    def presample(self, t0: Array, t1: Array, key: Any) -> Presampled:
+        """Times drawn before the solve (samplers that need no trace), by ``id`` of the term."""
+        return {}
+
+    def needs_states(self) -> bool:
+        """Whether :meth:`value` needs the state at trace points the solve did not announce."""
+        return False
+
+    @abstractmethod
+    def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
+        """The differentiable scalar for a finished solve."""
+
+    # composition ------------------------------------------------------------------------------
+    def terms(self) -> list[tuple[float, Regularizer]]:
+        return [(1.0, self)]
+
+    def __add__(self, other: object) -> Regularizer:
+        if not isinstance(other, Regularizer):
+            return NotImplemented
+        return Sum(self.terms() + other.terms())
+
+    def __radd__(self, other: object) -> Regularizer:
+        if other == 0:
+            return self
+        return NotImplemented
+
+    def __mul__(self, coef: object) -> Regularizer:
+        if not isinstance(coef, (int, float)) or isinstance(coef, bool):
+            return NotImplemented
+        return Sum([(float(coef) * c, r) for c, r in self.terms()])
+
+    __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Sum(Regularizer):
+    """A weighted sum of regularizers; term ``i`` draws from ``key.fold(i)``."""
+
+    name = "sum"
+
+    def __init__(self, terms: list[tuple[float, Regularizer]]):
+        self._terms = list(terms)
+
+    def terms(self) -> list[tuple[float, Regularizer]]:
+        return list(self._terms)
+
+    def _key(self, key: Any, i: int) -> Any:
+        return key if len(self._terms) == 1 else key.fold(i)
+
+    def check(self, *, sensitivity: str, tableau: Tableau | None, backend: str) -> None:
+        for _, r in self._terms:
+            r.check(sensitivity=sensitivity, tableau=tableau, backend=backend)
+
+    def presample(self, t0: Array, t1: Array, key: Any) -> Presampled:
+        out: Presampled = {}
+        for i, (_, r) in enumerate(self._terms):
+            out.update(r.presample(t0, t1, self._key(key, i)))
+        return out
+
+    def needs_states(self) -> bool:
+        return any(r.needs_states() for _, r in self._terms)
+
+    def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
+        total = None
+        for i, (c, r) in enumerate(self._terms):
+            v = c * r.value(run, self._key(key, i), presampled)
+            total = v if total is None else total + v
+        return total
+
+    def __repr__(self) -> str:
+        return " + ".join(f"{c:g} * {r!r}" for c, r in self._terms)
+
+
+def _masked(trace: Trace, values: Array, reduction: str) -> Array:
+    xp = array_namespace(values)
+    mask = trace.mask
+    if reduction == "max":
+        return xp.max(xp.where(mask, values, xp.asarray(-math.inf, dtype=values.dtype)))
+    total = xp.sum(xp.where(mask, values, xp.zeros_like(values)))
+    if reduction == "mean":
+        n = xp.sum(xp.astype(mask, values.dtype))
+        return total / xp.maximum(n, xp.ones_like(n))
+    return total
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(choices("reduction", reduction, REDUCTIONS))
+    return reduction
+
+
+def _check_variant(variant: str) -> str:
+    if variant not in ("raw", "reference"):
+        raise ValueError(choices("stiffness variant", variant, ("raw", "reference")))
+    return variant
+
+
+def _stiffness_scale(variant: str, tableau: Tableau | None) -> float:
+    if variant == "raw" or tableau is None:
+        return 1.0
+    return 1.0 / STABILITY_SIZE.get(tableau.name, 1.0)
+
+
+def _require_stiffness(reg: Regularizer, tableau: Tableau | None, variant: str) -> None:
+    if tableau is None or tableau.stiffness_pair is None:
+        name = tableau.name if tableau is not None else "this method"
+        raise ValueError(
+            f"{reg!r} needs a method with a stiffness pair (two stages with equal c); "
+            f"{name!r} has none. Use method='dopri5' or 'tsit5', or an error regularizer."
+        )
+    if variant == "reference" and tableau.name not in STABILITY_SIZE:
+        raise ValueError(
+            f"variant='reference' divides by the stability-region size, known for "
+            f"{sorted(STABILITY_SIZE)}, not {tableau.name!r}; use variant='raw'."
+        )
+
+
+class GlobalError(Regularizer):
+    """ERNODE: ``sum_j trace.error[j] * |trace.dt[j]|`` over accepted steps.
+
+    Args:
+        reduction: ``"sum"`` (the paper), ``"mean"`` (the reference code) or ``"max"``.
+    """
+
+    name = "global-error"
+    needs_direct = True
+
+    def __init__(self, reduction: str = "sum"):
+        self.reduction = _check_reduction(reduction)
+
+    def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
+        trace = run.trace
+        xp = array_namespace(trace.error)
+        dt = xp.abs(xp.astype(trace.dt, trace.error.dtype))
+        return _masked(trace, trace.error * dt, self.reduction)
+
+    def __repr__(self) -> str:
+        return f"GlobalError(reduction={self.reduction!r})"
+
+
+class GlobalStiffness(Regularizer):
+    """SRNODE: ``sum_j trace.stiffness[j]`` over accepted steps.
+
+    Args:
+        reduction: ``"sum"`` (the paper), ``"mean"``, or ``"max"`` (the reference code).
+        variant: ``"raw"`` eigenvalue estimates, or ``"reference"`` divided by the method's
+            stability-region size as the reference implementation does.
+    """
+
+    name = "global-stiffness"
+    needs_direct = True
+
+    def __init__(self, reduction: str = "sum", variant: str = "raw"):
+        self.reduction = _check_reduction(reduction)
+        self.variant = _check_variant(variant)
+        self._scale = 1.0
+
+    def check(self, *, sensitivity: str, tableau: Tableau | None, backend: str) -> None:
+        super().check(sensitivity=sensitivity, tableau=tableau, backend=backend)
+        _require_stiffness(self, tableau, self.variant)
+        self._scale = _stiffness_scale(self.variant, tableau)
+
+    def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
+        trace = run.trace
+        return self._scale * _masked(trace, trace.stiffness, self.reduction)
+
+    def __repr__(self) -> str:
+        return f"GlobalStiffness(reduction={self.reduction!r}, variant={self.variant!r})"
+
+
+def resolve_sampler(sampler: str | Sampler) -> Sampler:
+    if isinstance(sampler, str):
+        from regnde.plugins.manager import registry
+
+        return registry().get("sampler", sampler)()
+    if not hasattr(sampler, "sample"):
+        raise ValueError(f"sampler must be a name or an object with sample(), got {sampler!r}.")
+    return sampler
+
+
+def containing_step(run: Any, tau: Array) -> Array:
+    """Index of the accepted step that contains ``tau`` (a scalar integer array)."""
+    trace = run.trace
+    xp = array_namespace(trace.t)
+    direction = xp.sign(run.t1 - run.t0)
+    started = trace.mask & ((tau - trace.t) * direction >= 0)
+    n = xp.sum(xp.astype(trace.mask, xp.int64))
+    return xp.clip(xp.sum(xp.astype(started, xp.int64)) - 1, 0, n - 1)
+
+
+class _Local(Regularizer):
+    """One extra step at a sampled time ``tau``, from the solve's own ``u(tau)``.
+
+    Args:
+        sampler: ``"unbiased"``, ``"biased"``, any registered name, or a sampler object.
+        dt: ``"recorded"`` (the accepted step that contains ``tau``) or ``"initial"`` (the
+            backend's initial step selection at ``tau``, clipped to ``t1 - tau``; the
+            reference implementation's choice).
+        first_stage: ``"differentiable"`` (the exact gradient of the step's error) or
+            ``"constant"`` (the reference's choice: ``f(tau, u)`` is a constant).
+        state: ``"constant"`` (``u(tau)`` is a constant) or ``"differentiable"``
+            (backpropagate into the solve through ``u(tau)``; ``sensitivity="direct"`` only).
+
+    The reference implementation is ``first_stage="constant", dt="initial"``.
+    """
+
+    needs_direct = False
+
+    def __init__(
+        self,
+        sampler: str | Sampler = "unbiased",
+        dt: str = "recorded",
+        first_stage: str = "differentiable",
+        state: str = "constant",
+    ):
+        self.sampler = resolve_sampler(sampler)
+        if dt not in ("recorded", "initial"):
+            raise ValueError(choices("dt choice", dt, ("recorded", "initial")))
+        if first_stage not in ("differentiable", "constant"):
+            raise ValueError(choices("first_stage choice", first_stage,
+                                     ("differentiable", "constant")))
+        if state not in ("constant", "differentiable"):
+            raise ValueError(choices("state choice", state, ("constant", "differentiable")))
+        if dt == "initial" and first_stage == "differentiable":
+            warnings.warn(
+                "dt='initial' with a differentiable first stage measured no effect on NFE "
+                "(RESEARCH.md: 64-68 vs 68 vanilla). Use dt='recorded' (the default) for the "
+                "exact gradient, or first_stage='constant' to reproduce the reference.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.dt = dt
+        self.first_stage = first_stage
+        self.state = state
+
+    def check(self, *, sensitivity: str, tableau: Tableau | None, backend: str) -> None:
+        if self.state == "differentiable" and sensitivity != "direct":
+            raise ValueError(
+                f"{self!r}: state='differentiable' backpropagates into the solve and needs "
+                f"sensitivity='direct'; with {sensitivity!r} use state='constant'."
+            )
+
+    def presample(self, t0: Array, t1: Array, key: Any) -> Presampled:
+        if self.sampler.needs_trace:
+            return {}
+        return {id(self): self.sampler.sample(None, t0, t1, key)}
+
+    def needs_states(self) -> bool:
+        return bool(self.sampler.needs_trace)
+
+    def local_step(self, run: Any, key: Any, presampled: Presampled) -> tuple[Any, Array]:
+        """The extra step and its ``dt``."""
+        tau = presampled.get(id(self))
+        if tau is None:
+            tau = self.sampler.sample(run.trace, run.t0, run.t1, key)
+        u = run.state_at(tau, differentiable=self.state == "differentiable")
+        if self.dt == "recorded":
+            dt = take(run.trace.dt, containing_step(run, tau))
+        else:
+            dt = run.initial_dt(tau, u)
+        return run.step(tau, u, dt, first_stage=self.first_stage), dt
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(sampler={self.sampler!r}, dt={self.dt!r}, "
+                f"first_stage={self.first_stage!r})")
+
+
+class LocalError(_Local):
+    """Local error regularization: ``error(tau) * |dt|`` of one extra step at ``tau``."""
+
+    name = "local-error"
+
+    def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
+        st, dt = self.local_step(run, key, presampled)
+        xp = array_namespace(st.error)
+        return st.error * xp.abs(xp.astype(dt, st.error.dtype))
+
+
+class LocalStiffness(_Local):
+    """Local stiffness regularization: Shampine's estimate of one extra step at ``tau``.
+
+    Args:
+        variant: ``"raw"`` or ``"reference"`` (divided by the stability-region size).
+    """
+
+    name = "local-stiffness"
+
+    def __init__(self, sampler: str | Sampler = "biased", dt: str = "recorded",
+                 first_stage: str = "differentiable", state: str = "constant",
+                 variant: str = "raw"):
+        super().__init__(sampler=sampler, dt=dt, first_stage=first_stage, state=state)
+        self.variant = _check_variant(variant)
+        self._scale = 1.0
+
+    def check(self, *, sensitivity: str, tableau: Tableau | None, backend: str) -> None:
+        super().check(sensitivity=sensitivity, tableau=tableau, backend=backend)
+        _require_stiffness(self, tableau, self.variant)
+        self._scale = _stiffness_scale(self.variant, tableau)
+
+    def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
+        st, _ = self.local_step(run, key, presampled)
+        return self._scale * st.stiffness
+
+
+def as_regularizer(reg: Any) -> Regularizer:
+    """A :class:`Regularizer` from an instance or a registered name."""
+    if isinstance(reg, Regularizer):
+        return reg
+    if isinstance(reg, str):
+        from regnde.plugins.manager import registry
+
+        return registry().get("regularizer", reg)()
+    raise ValueError(
+        f"regularizer must be a regnde regularizer or a registered name, got {reg!r}; "
+        f"for example regnde.regularizers.LocalError()."
+    )
+
+
+def evaluate(reg: Regularizer, run: Any, key: Any, presampled: Presampled) -> Array:
+    """``reg.value(...)``, checked for NaN/Inf when values are concrete (eager mode)."""
+    value = reg.value(run, key, presampled)
+    if is_concrete(value):
+        xp = array_namespace(value)
+        if not bool(xp.all(xp.isfinite(value))):
+            raise NonFiniteError(non_finite_regularizer(repr(reg), _where_non_finite(run)))
+    return value
+
+
+def _where_non_finite(run: Any) -> str:
+    trace = run.trace
+    xp = array_namespace(trace.error)
+    bad = ~xp.isfinite(trace.error)
+    if trace.stiffness is not None:
+        bad = bad | ~xp.isfinite(trace.stiffness)
+    bad = bad & trace.mask
+    if bool(xp.any(bad)):
+        j = int(xp.argmax(xp.astype(bad, xp.int64)))
+        return f"first at accepted step {j}, t={float(trace.t[j]):.6g}"
+    return "in the regularizer's extra step"
+
+
+@hookimpl
+def regnde_register_regularizers(register: Callable[[str, type], None]) -> None:
+    for cls in (GlobalError, GlobalStiffness, LocalError, LocalStiffness):
+        register(cls.name, cls)
