@@ -30,6 +30,9 @@ class Trace:
         stiffness: ``(N,)`` Shampine's stiffness estimate, or ``None`` without a stiffness pair.
         y: ``(N, *y0.shape)`` state at the start of each step, or ``None`` with
             ``trace="summary"``.
+        dt_taken: ``(N,)`` signed step length as the solver took it (differs from ``dt`` only
+            where a backend's last step overshoots ``t1``; ``error`` belongs to this step), so
+            a fixed-grid replay can reproduce every recorded error. ``None`` means ``dt``.
     """
 
     t: Array
@@ -39,6 +42,7 @@ class Trace:
     error: Array
     stiffness: Array | None = None
     y: Array | None = None
+    dt_taken: Array | None = None
 
     def summary(self) -> Trace:
         """The same trace without states."""

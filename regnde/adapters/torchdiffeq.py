@@ -297,7 +297,8 @@ class Recorder:
     def end(self) -> None:
         n = len(self.ts)
         t = torch.stack(self.ts)
-        dt = torch.stack(self.dts)
+        taken = torch.stack(self.dts)
+        dt = taken.clone()
         dt[-1] = torch.minimum(dt[-1], self.t_end - t[-1])  # the last step overshoots t1
         sign = -1.0 if self.reversed else 1.0
         self.trace = Trace(
@@ -305,6 +306,7 @@ class Recorder:
             n_steps=n, error=torch.stack(self.errors),
             stiffness=torch.stack(self.stiff) if self.stiff else None,
             y=torch.stack(self.ys) if self.trace_mode == "full" else None,
+            dt_taken=sign * taken,
         )
         self.stats = Stats(nfe=self.counter.n, nfe_reg=0, n_steps=n, n_rejected=self.rejected)
         if self.regularizer is not None:
@@ -527,12 +529,18 @@ _patch_depth = 0
 
 @contextmanager
 def recording_solvers() -> Iterator[None]:
-    """Install the recording subclasses of torchdiffeq's own methods while active."""
+    """Install the recording subclasses of torchdiffeq's own methods while active, and every
+    registered tableau torchdiffeq lacks (these stay: they add names, change none)."""
     global _patch_depth
+    from regnde.plugins.manager import registry
+
     with _patch_lock:
         if _patch_depth == 0:
             for td_name in NATIVE.values():
                 SOLVERS[td_name] = _recording_class(td_name)
+            for name, tab in registry().tableaus().items():
+                if name not in NATIVE:
+                    install_tableau(tab)
         _patch_depth += 1
     try:
         yield
