@@ -110,12 +110,12 @@ def train_one(name: str, make_reg: Any, lam: float, cfg: Config, progress: bool 
         sol = regnde.solve(f, xtr[idx], t, method=cfg.method, rtol=cfg.tol, atol=cfg.tol,
                            regularizer=reg, key=cfg.seed * 100_003 + it, trace="summary")
         loss = torch.nn.functional.cross_entropy(head(sol.ys[-1]), ytr[idx])
-        total = loss + lam * sol.reg if reg is not None else loss
+        total = loss if sol.reg is None else loss + lam * sol.reg
         opt.zero_grad()
         total.backward()
         opt.step()
         nfes.append(int(sol.stats.nfe))
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(nfe=nfes[-1], loss=f"{losses[-1]:.3f}")
     train_seconds = time.perf_counter() - start
     with torch.no_grad():

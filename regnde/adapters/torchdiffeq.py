@@ -158,19 +158,25 @@ def make_key(key: Any) -> TorchKey:
 # -- the one RK step every path uses -----------------------------------------------------------
 def _stiffness(k: torch.Tensor, dt: torch.Tensor, tab: Tableau, w: torch.Tensor | None
                ) -> torch.Tensor | None:
-    """Shampine's estimate ``|k_p - k_q| / |Y_p - Y_q|`` from stages ``k`` (stages last)."""
-    if w is None or tab.stiffness_pair is None:
+    """Shampine's estimate ``|k_p - k_q| / |Y_p - Y_q|`` from stages ``k`` (stages last).
+
+    ``w`` (from :func:`_diff_weights`) is ``(stages, 2)``: column 0 picks ``k_p - k_q``,
+    column 1 gives ``(Y_p - Y_q) / dt``; one matmul yields both (this runs every step)."""
+    if w is None:
         return None
-    p, q = tab.stiffness_pair
-    num = torch.linalg.vector_norm(k[..., p] - k[..., q])
-    den = torch.linalg.vector_norm(torch.sum(k * (dt.to(k.dtype) * w), dim=-1))
-    ok = den > 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+    d = torch.matmul(k, w).square().sum(dim=tuple(range(k.dim() - 1)))
+    num, den = d[0], d[1] * dt.to(d.dtype).square()
+    return torch.sqrt(num / den.clamp_min(torch.finfo(d.dtype).tiny))
 
 
 def _diff_weights(tab: Tableau, like: torch.Tensor) -> torch.Tensor | None:
     w = tab.stage_difference_weights()
-    return None if w is None else torch.tensor(w, dtype=like.dtype, device=like.device)
+    if w is None or tab.stiffness_pair is None:
+        return None
+    p, q = tab.stiffness_pair
+    pick = [0.0] * tab.stages
+    pick[p], pick[q] = 1.0, -1.0
+    return torch.tensor([pick, list(w)], dtype=like.dtype, device=like.device).T.contiguous()
 
 
 def rk_step(func: Any, tab: Tableau, td: _ButcherTableau, y: torch.Tensor, f0: torch.Tensor,
@@ -225,7 +231,7 @@ _ADJOINT_FORWARD = _td_adjoint.OdeintAdjointMethod.forward.__code__
 
 
 def _inside_adjoint_forward() -> bool:
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     for _ in range(40):
         if frame is None:
             return False
@@ -287,9 +293,9 @@ class Recorder:
         self.errors.append(error)
         if self.keep_states:
             self.ys.append(y0 if self.trace_mode == "full" else y0.detach())
-        s = _stiffness(k, dt, self.tab, self.solver.regnde_w)
-        if s is not None:
-            self.stiff.append(s)
+        stiffness = _stiffness(k, dt, self.tab, self.solver.regnde_w)
+        if stiffness is not None:
+            self.stiff.append(stiffness)
         for pid, tau in self.probes.items():
             if pid not in self.captured and t0 <= tau <= t1:
                 self.captured[pid] = _interp_evaluate(interp_coeff, t0, t1, tau)
@@ -445,9 +451,9 @@ class _RecordingMixin:
 
         y1, f1, y1_error, k = _runge_kutta_step(s.func, y0, f0, t0, dt, t1, tableau=s.tableau)
         error_ratio = _td_misc._compute_error_ratio(y1_error, s.rtol, s.atol, y0, y1, s.norm)
-        if torch.isnan(error_ratio):
-            raise NonFiniteError(non_finite_f(float(t0)))
         accept_step = error_ratio <= 1
+        if not accept_step and torch.isnan(error_ratio):  # NaN is never accepted
+            raise NonFiniteError(non_finite_f(float(t0)))
         if dt > s.max_step:
             accept_step = False
         if dt <= s.min_step:
@@ -701,7 +707,7 @@ class TorchdiffeqBackend(Backend):
         t = torch.as_tensor(r.t, dtype=t_dtype, device=y.device).detach()
         tab = r.tableau if r.method not in NATIVE else native_tableau(r.method)
         assert tab is not None
-        cls = _ORIGINAL[NATIVE[r.method]] if r.method in NATIVE else tableau_solver(tab)
+        cls: Any = _ORIGINAL[NATIVE[r.method]] if r.method in NATIVE else tableau_solver(tab)
         td = _device_tableau(cls.tableau, y)
         norm = r.options.get("norm", _td_misc._rms_norm)
         rtol = torch.as_tensor(r.rtol, dtype=t_dtype, device=y.device)

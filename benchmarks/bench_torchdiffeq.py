@@ -1,0 +1,133 @@
+"""Overhead of regnde on torchdiffeq, measured side by side in one process.
+
+    python benchmarks/bench_torchdiffeq.py [--repeats 15] [--device cpu|cuda]
+
+MLP vector field dim 64, batch 128, dopri5, rtol = atol = 1e-5, float32; the field is scaled so
+the solve takes at least 20 accepted steps. Each row times the baseline and the candidate in
+alternation and reports the ratio of medians. Targets (issues 2 and 3): recording <= 1.05x
+forward and <= 1.10x forward+backward; local regularization <= 1.10x per training iteration
+for both sensitivities; global regularization <= 1.15x direct backprop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torchdiffeq
+
+import regnde
+from regnde import regularizers as R
+
+
+class Field(torch.nn.Module):
+    def __init__(self, dim: int = 64, hidden: int = 64, scale: float = 2.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1 = torch.nn.Linear(dim, hidden)
+        self.l2 = torch.nn.Linear(hidden, dim)
+        with torch.no_grad():
+            self.l1.weight.mul_(scale)
+            self.l2.weight.mul_(scale)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(y)))
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def compare(name: str, base: Callable[[], object], cand: Callable[[], object], repeats: int,
+            sync: Callable[[], None], target: float) -> tuple[str, float, float, float, float]:
+    for _ in range(2):  # warm-up
+        base()
+        cand()
+    tb, tc = [], []
+    for _ in range(repeats):
+        tb.append(timed(base, sync))
+        tc.append(timed(cand, sync))
+    mb, mc = statistics.median(tb), statistics.median(tc)
+    return name, mb * 1e3, mc * 1e3, mc / mb, target
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--span", type=float, default=4.0, help="end time of the solve")
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    f = Field().to(dev)
+    y0 = torch.randn(128, 64, generator=torch.Generator().manual_seed(1)).to(dev)
+    t = torch.tensor([0.0, args.span], device=dev)
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    probe = regnde.solve(f, y0, t, **tol)
+    print(f"device {dev}, accepted steps {probe.stats.n_steps}, rejected "
+          f"{probe.stats.n_rejected}, NFE {probe.stats.nfe}, threads {torch.get_num_threads()}")
+
+    def plain_fwd() -> object:
+        with torch.no_grad():
+            return torchdiffeq.odeint(f, y0, t, method="dopri5", **tol)
+
+    def rec_fwd(trace: str) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return regnde.solve(f, y0, t, trace=trace, **tol).ys
+        return run
+
+    def plain_iter() -> None:
+        f.zero_grad()
+        torchdiffeq.odeint(f, y0, t, method="dopri5", **tol)[-1].square().mean().backward()
+
+    def plain_adj_iter() -> None:
+        f.zero_grad()
+        ys = torchdiffeq.odeint_adjoint(f, y0, t, method="dopri5", **tol)
+        ys[-1].square().mean().backward()
+
+    def solve_iter(reg: object, sensitivity: str = "direct", trace: str = "full"
+                   ) -> Callable[[], None]:
+        key = iter(range(10**9))
+
+        def run() -> None:
+            f.zero_grad()
+            sol = regnde.solve(f, y0, t, sensitivity=sensitivity, regularizer=reg,
+                               key=next(key), trace=trace, **tol)
+            loss = sol.ys[-1].square().mean()
+            if sol.reg is not None:
+                loss = loss + 0.1 * sol.reg
+            loss.backward()
+        return run
+
+    rows = [
+        compare("record forward (trace=full)", plain_fwd, rec_fwd("full"), args.repeats, sync,
+                1.05),
+        compare("record forward (trace=summary)", plain_fwd, rec_fwd("summary"), args.repeats,
+                sync, 1.05),
+        compare("record forward+backward", plain_iter, solve_iter(None), args.repeats, sync,
+                1.10),
+        compare("LocalError, direct (vs plain odeint)", plain_iter, solve_iter(R.LocalError()),
+                args.repeats, sync, 1.10),
+        compare("LocalError, adjoint (vs plain odeint_adjoint)", plain_adj_iter,
+                solve_iter(R.LocalError(), "adjoint", "summary"), args.repeats, sync, 1.10),
+        compare("GlobalError, direct (vs plain odeint)", plain_iter,
+                solve_iter(R.GlobalError()), args.repeats, sync, 1.15),
+    ]
+    print()
+    print("| measurement | baseline ms | regnde ms | ratio | target |")
+    print("|---|---|---|---|---|")
+    for name, b, c, ratio, target in rows:
+        ok = "ok" if ratio <= target else "MISSED"
+        print(f"| {name} | {b:.1f} | {c:.1f} | {ratio:.3f}x | <= {target:.2f}x {ok} |")
+
+
+if __name__ == "__main__":
+    main()
