@@ -101,8 +101,11 @@ class Registry:
                 self.pm.check_pending()
             except pluggy.PluginValidationError as exc:
                 self.failures[str(exc.plugin)] = f"unknown hook: {exc}"
-            for plugin in self.pm.get_plugins():
-                self._collect_from(plugin, self.pm.get_name(plugin) or str(plugin))
+            # in registration order (get_plugins() is an unordered set): built-ins first, so
+            # a name clash is always blamed on the later plugin
+            for name, plugin in self.pm.list_name_plugin():
+                if plugin is not None:
+                    self._collect_from(plugin, name)
             return self
 
     def _import(self, name: str, target: str, loader: Callable[[], Any] | None = None) -> None:
