@@ -101,9 +101,10 @@ class Registry:
                 self.pm.check_pending()
             except pluggy.PluginValidationError as exc:
                 self.failures[str(exc.plugin)] = f"unknown hook: {exc}"
-            # in registration order (get_plugins() is an unordered set): built-ins first, so
-            # a name clash is always blamed on the later plugin
-            for name, plugin in self.pm.list_name_plugin():
+            # built-ins first, then in registration order (get_plugins() is an unordered set),
+            # so a name clash is always blamed on the later plugin, never on a built-in
+            plugins = sorted(self.pm.list_name_plugin(), key=lambda p: p[0] not in self.builtins)
+            for name, plugin in plugins:
                 if plugin is not None:
                     self._collect_from(plugin, name)
             return self
