@@ -77,7 +77,9 @@ def resolve_method(b: Backend, method: str | None) -> tuple[str, Tableau | None]
         return name, tableaus[name]
     elsewhere = [n for n in backends() if n != b.name and _has_method(n, name)]
     hint = f"It is a method of backend(s): {', '.join(elsewhere)}." if elsewhere else ""
-    raise ValueError(choices(f"method of backend {b.name!r}", method, methods(b.name), hint))
+    hint += registry().failure_note()  # a plugin that failed to load may have provided it
+    raise ValueError(choices(f"method of backend {b.name!r}", method, methods(b.name),
+                             hint.strip()))
 
 
 def _has_method(backend: str, method: str) -> bool:

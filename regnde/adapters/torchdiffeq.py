@@ -284,7 +284,7 @@ class Recorder:
         self.attempts += 1
         if self.attempts > self.max_steps:
             raise MaxStepsExceeded(max_steps_exceeded(
-                self.max_steps, float(self.to_solver(t0)), float(self.t1)))
+                self.max_steps, float(self.to_solver(t0)), float(self.to_solver(self.t1))))
 
     def accept(self, t0: torch.Tensor, dt: torch.Tensor, y0: torch.Tensor, error: torch.Tensor,
                k: torch.Tensor, interp_coeff: list[torch.Tensor], t1: torch.Tensor) -> None:
@@ -374,8 +374,10 @@ class TorchRun:
             f0 = f0.detach()
         y1, error, stiff, k = rk_step(solver.func, rec.tab, solver.tableau, y, f0, tau_s, dt_s,
                                       solver.rtol, solver.atol, solver.norm, solver.regnde_w)
+        # stages of the user's f, not of the time-reversed one torchdiffeq steps backwards with
+        stages = k.movedim(-1, 0)
         return StepResult(t=tau, dt=dt, y1=y1, error=error, stiffness=stiff,
-                          stages=k.movedim(-1, 0))
+                          stages=-stages if rec.reversed else stages)
 
     def initial_dt(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         rec, solver = self.rec, self.solver
@@ -730,8 +732,9 @@ class TorchdiffeqBackend(Backend):
             f0 = func(ts, y)
         y1, error, stiff, k = rk_step(func, tab, td, y, f0, ts, dts, rtol, atol, norm,
                                       _diff_weights(tab, y))
+        # sign * k: stages of the user's f, not of the time-reversed one used for dt < 0
         return StepResult(t=t, dt=dt, y1=y1, error=error, stiffness=stiff,
-                          stages=k.movedim(-1, 0))
+                          stages=sign * k.movedim(-1, 0))
 
 
 def _check_solver_options(options: dict[str, Any], sensitivity: str,

@@ -100,9 +100,14 @@ class Registry:
             try:
                 self.pm.check_pending()
             except pluggy.PluginValidationError as exc:
-                self.failures[str(exc.plugin)] = f"unknown hook: {exc}"
-            for plugin in self.pm.get_plugins():
-                self._collect_from(plugin, self.pm.get_name(plugin) or str(plugin))
+                self._fail(self.pm.get_name(exc.plugin) or str(exc.plugin),
+                           f"unknown hook: {exc}")
+            # built-ins first, then in registration order (get_plugins() is an unordered set),
+            # so a name clash is always blamed on the later plugin, never on a built-in
+            plugins = sorted(self.pm.list_name_plugin(), key=lambda p: p[0] not in self.builtins)
+            for name, plugin in plugins:
+                if plugin is not None:
+                    self._collect_from(plugin, name)
             return self
 
     def _import(self, name: str, target: str, loader: Callable[[], Any] | None = None) -> None:
@@ -130,9 +135,12 @@ class Registry:
             try:
                 impl(register=register)
             except Exception as exc:
-                self.failures[plugin_name] = (
-                    f"raised in {hook_name}: {type(exc).__name__}: {exc}"
-                )
+                self._fail(plugin_name, f"raised in {hook_name}: {type(exc).__name__}: {exc}")
+
+    def _fail(self, plugin_name: str, cause: str) -> None:
+        """Record a failure of ``plugin_name``, keeping earlier ones (one per hook)."""
+        old = self.failures.get(plugin_name)
+        self.failures[plugin_name] = cause if old is None else f"{old}; {cause}"
 
     def _register(self, kind: str, plugin: str, *args: Any) -> None:
         if kind == "method":
