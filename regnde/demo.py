@@ -85,7 +85,7 @@ def _model(hidden: int, seed: int) -> tuple[Any, Any]:
             return self.l2(torch.cat([h, tt], 1))
 
     torch.manual_seed(seed)
-    return Field(), torch.nn.Linear(64, 10)
+    return Field().float(), torch.nn.Linear(64, 10).float()
 
 
 def train_one(name: str, make_reg: Any, lam: float, cfg: Config, progress: bool = True
@@ -101,7 +101,7 @@ def train_one(name: str, make_reg: Any, lam: float, cfg: Config, progress: bool 
     reg = make_reg() if make_reg is not None else None
     opt = torch.optim.Adam([*f.parameters(), *head.parameters()], cfg.lr)
     batches = torch.Generator().manual_seed(cfg.seed)
-    t = torch.tensor([0.0, 1.0])
+    t = torch.tensor([0.0, 1.0], dtype=xtr.dtype)
     nfes, losses = [], []
     start = time.perf_counter()
     bar = tqdm(range(cfg.iters), desc=f"{name:24s}", disable=not progress, leave=False)

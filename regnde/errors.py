@@ -28,7 +28,7 @@ class PluginError(RuntimeError):
 def choices(kind: str, given: object, valid: Iterable[str], hint: str = "") -> str:
     """``unknown KIND 'x'; valid: a, b, c. HINT``"""
     listed = ", ".join(sorted(valid)) or "(none)"
-    msg = f"unknown {kind} {given!r}; valid {kind}s: {listed}."
+    msg = f"unknown {kind} {given!r}; valid: {listed}."
     return f"{msg} {hint}".rstrip()
 
 
