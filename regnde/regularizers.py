@@ -247,8 +247,8 @@ def containing_step(run: Any, tau: Array) -> Array:
     xp = array_namespace(trace.t)
     direction = xp.sign(run.t1 - run.t0)
     started = trace.mask & ((tau - trace.t) * direction >= 0)
-    n = xp.sum(xp.astype(trace.mask, xp.int64))
-    return xp.clip(xp.sum(xp.astype(started, xp.int64)) - 1, 0, n - 1)
+    n = xp.sum(xp.astype(trace.mask, xp.int32))
+    return xp.clip(xp.sum(xp.astype(started, xp.int32)) - 1, 0, n - 1)
 
 
 class _Local(Regularizer):
@@ -397,7 +397,7 @@ def _where_non_finite(run: Any) -> str:
         bad = bad | ~xp.isfinite(trace.stiffness)
     bad = bad & trace.mask
     if bool(xp.any(bad)):
-        j = int(xp.argmax(xp.astype(bad, xp.int64)))
+        j = int(xp.argmax(xp.astype(bad, xp.int32)))
         return f"first at accepted step {j}, t={float(trace.t[j]):.6g}"
     return "in the regularizer's extra step"
 

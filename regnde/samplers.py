@@ -55,8 +55,8 @@ class Biased(Sampler):
             raise ValueError("the biased sampler needs the solve's trace of step times.")
         xp = array_namespace(trace.t)
         u = key.uniform(trace.t[0])
-        n = xp.sum(xp.astype(trace.mask, xp.int64))
-        index = xp.astype(xp.floor(u * xp.astype(n, u.dtype)), xp.int64)
+        n = xp.sum(xp.astype(trace.mask, xp.int32))
+        index = xp.astype(xp.floor(u * xp.astype(n, u.dtype)), xp.int32)
         index = xp.clip(index, 0, n - 1)
         return take(trace.t, index)
 

@@ -281,6 +281,7 @@ def test_global_regularizer_with_adjoint_points_to_local(problem):
                      regularizer=R.LocalError(state="differentiable"))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_nan_regularizer_names_the_step():
     trace = _padded_trace(np.asarray)
     bad = Trace(t=trace.t, dt=trace.dt, mask=trace.mask, n_steps=4,
