@@ -36,7 +36,7 @@ REDUCTIONS = ("sum", "mean", "max")
 #: implementation divides stiffness estimates by it (``variant="reference"``).
 STABILITY_SIZE = {"tsit5": 3.5068, "dopri5": 3.3066}
 
-Presampled = dict[int, Array]
+Presampled = dict[tuple[int, int], Array]
 
 
 class Regularizer(ABC):
@@ -251,7 +251,7 @@ def containing_step(run: Any, tau: Array) -> Array:
     return xp.clip(xp.sum(xp.astype(started, xp.int32)) - 1, 0, n - 1)
 
 
-class _Local(Regularizer):
+class _Local(Regularizer, ABC):
     """One extra step at a sampled time ``tau``, from the solve's own ``u(tau)``.
 
     Args:
@@ -263,6 +263,8 @@ class _Local(Regularizer):
             ``"constant"`` (the reference's choice: ``f(tau, u)`` is a constant).
         state: ``"constant"`` (``u(tau)`` is a constant) or ``"differentiable"``
             (backpropagate into the solve through ``u(tau)``; ``sensitivity="direct"`` only).
+        samples: number of sampled times averaged (sample ``i`` draws from ``key.fold(i)``;
+            one sample, the reference's choice, uses ``key`` itself).
 
     The reference implementation is ``first_stage="constant", dt="initial"``.
     """
@@ -275,8 +277,12 @@ class _Local(Regularizer):
         dt: str = "recorded",
         first_stage: str = "differentiable",
         state: str = "constant",
+        samples: int = 1,
     ):
         self.sampler = resolve_sampler(sampler)
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive int, got {samples!r}.")
+        self.samples = samples
         if dt not in ("recorded", "initial"):
             raise ValueError(choices("dt choice", dt, ("recorded", "initial")))
         if first_stage not in ("differentiable", "constant"):
@@ -303,17 +309,29 @@ class _Local(Regularizer):
                 f"sensitivity='direct'; with {sensitivity!r} use state='constant'."
             )
 
+    def _keys(self, key: Any) -> list[Any]:
+        return [key] if self.samples == 1 else [key.fold(i) for i in range(self.samples)]
+
     def presample(self, t0: Array, t1: Array, key: Any) -> Presampled:
         if self.sampler.needs_trace:
             return {}
-        return {id(self): self.sampler.sample(None, t0, t1, key)}
+        return {(id(self), i): self.sampler.sample(None, t0, t1, k)
+                for i, k in enumerate(self._keys(key))}
 
     def needs_states(self) -> bool:
         return bool(self.sampler.needs_trace)
 
-    def local_step(self, run: Any, key: Any, presampled: Presampled) -> tuple[Any, Array]:
-        """The extra step and its ``dt``."""
-        tau = presampled.get(id(self))
+    def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
+        values = [self.score(*self.local_step(run, k, presampled.get((id(self), i))))
+                  for i, k in enumerate(self._keys(key))]
+        return values[0] if self.samples == 1 else sum(values[1:], values[0]) / self.samples
+
+    @abstractmethod
+    def score(self, st: Any, dt: Array) -> Array:
+        """The regularizer's value for one extra step ``st`` of size ``dt``."""
+
+    def local_step(self, run: Any, key: Any, tau: Array | None = None) -> tuple[Any, Array]:
+        """The extra step at ``tau`` (drawn from ``key`` if ``None``) and its ``dt``."""
         if tau is None:
             tau = self.sampler.sample(run.trace, run.t0, run.t1, key)
         u = run.state_at(tau, differentiable=self.state == "differentiable")
@@ -333,8 +351,7 @@ class LocalError(_Local):
 
     name = "local-error"
 
-    def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
-        st, dt = self.local_step(run, key, presampled)
+    def score(self, st: Any, dt: Array) -> Array:
         xp = array_namespace(st.error)
         return st.error * xp.abs(xp.astype(dt, st.error.dtype))
 
@@ -350,8 +367,9 @@ class LocalStiffness(_Local):
 
     def __init__(self, sampler: str | Sampler = "biased", dt: str = "recorded",
                  first_stage: str = "differentiable", state: str = "constant",
-                 variant: str = "raw"):
-        super().__init__(sampler=sampler, dt=dt, first_stage=first_stage, state=state)
+                 samples: int = 1, variant: str = "raw"):
+        super().__init__(sampler=sampler, dt=dt, first_stage=first_stage, state=state,
+                         samples=samples)
         self.variant = _check_variant(variant)
         self._scale = 1.0
 
@@ -360,8 +378,7 @@ class LocalStiffness(_Local):
         _require_stiffness(self, tableau, self.variant)
         self._scale = _stiffness_scale(self.variant, tableau)
 
-    def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
-        st, _ = self.local_step(run, key, presampled)
+    def score(self, st: Any, dt: Array) -> Array:
         return self._scale * st.stiffness
 
 

@@ -308,3 +308,17 @@ def test_bad_choices_are_named():
     with pytest.raises(ValueError, match="regnde.regularizers.LocalError"):
         regnde.solve(torch.nn.Identity(), torch.ones(1), torch.tensor([0.0, 1.0]),
                      regularizer=3.0)
+
+
+def test_several_samples_average_their_steps(problem):
+    f, y0, t = problem
+    from regnde.adapters.torchdiffeq import make_key
+
+    avg = regnde.solve(f, y0, t, regularizer=R.LocalError(samples=3), key=4)
+    singles = [regnde.solve(f, y0, t, regularizer=R.LocalError(), key=make_key(4).fold(i)).reg
+               for i in range(3)]
+    assert torch.allclose(avg.reg, sum(singles) / 3, rtol=1e-13)
+    one = regnde.solve(f, y0, t, regularizer=R.LocalError(), key=4)
+    assert avg.stats.nfe_reg == 3 * one.stats.nfe_reg
+    with pytest.raises(ValueError, match="positive int"):
+        R.LocalError(samples=0)

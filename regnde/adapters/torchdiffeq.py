@@ -263,7 +263,7 @@ class Recorder:
         self.rejected = 0
         self.probes: dict[int, torch.Tensor] = {}
         self.captured: dict[int, torch.Tensor] = {}
-        self.presampled: dict[int, Any] = {}
+        self.presampled: dict[Any, Any] = {}
         self.value: Any = None
         self.on_end: Callable[[Recorder], None] | None = None
 
