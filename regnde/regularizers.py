@@ -178,6 +178,20 @@ def _require_stiffness(reg: Regularizer, tableau: Tableau | None, variant: str) 
         )
 
 
+class _StiffnessTerm(Regularizer):
+    """A stiffness regularizer: needs a stiffness pair; ``variant="reference"`` divides by the
+    method's stability-region size."""
+
+    variant: str = "raw"
+
+    def check(self, *, sensitivity: str, tableau: Tableau | None, backend: str) -> None:
+        super().check(sensitivity=sensitivity, tableau=tableau, backend=backend)
+        _require_stiffness(self, tableau, self.variant)
+
+    def scale(self, run: Any) -> float:
+        return 1.0 if self.variant == "raw" else _stiffness_scale(self.variant, run.tableau)
+
+
 class GlobalError(Regularizer):
     """ERNODE: ``sum_j trace.error[j] * |trace.dt[j]|`` over accepted steps.
 
@@ -201,7 +215,7 @@ class GlobalError(Regularizer):
         return f"GlobalError(reduction={self.reduction!r})"
 
 
-class GlobalStiffness(Regularizer):
+class GlobalStiffness(_StiffnessTerm):
     """SRNODE: ``sum_j trace.stiffness[j]`` over accepted steps.
 
     Args:
@@ -216,16 +230,10 @@ class GlobalStiffness(Regularizer):
     def __init__(self, reduction: str = "sum", variant: str = "raw"):
         self.reduction = _check_reduction(reduction)
         self.variant = _check_variant(variant)
-        self._scale = 1.0
-
-    def check(self, *, sensitivity: str, tableau: Tableau | None, backend: str) -> None:
-        super().check(sensitivity=sensitivity, tableau=tableau, backend=backend)
-        _require_stiffness(self, tableau, self.variant)
-        self._scale = _stiffness_scale(self.variant, tableau)
 
     def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
         trace = run.trace
-        return self._scale * _masked(trace, trace.stiffness, self.reduction)
+        return self.scale(run) * _masked(trace, trace.stiffness, self.reduction)
 
     def __repr__(self) -> str:
         return f"GlobalStiffness(reduction={self.reduction!r}, variant={self.variant!r})"
@@ -303,6 +311,7 @@ class _Local(Regularizer, ABC):
         self.state = state
 
     def check(self, *, sensitivity: str, tableau: Tableau | None, backend: str) -> None:
+        super().check(sensitivity=sensitivity, tableau=tableau, backend=backend)
         if self.state == "differentiable" and sensitivity != "direct":
             raise ValueError(
                 f"{self!r}: state='differentiable' backpropagates into the solve and needs "
@@ -322,12 +331,12 @@ class _Local(Regularizer, ABC):
         return bool(self.sampler.needs_trace)
 
     def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
-        values = [self.score(*self.local_step(run, k, presampled.get((id(self), i))))
+        values = [self.score(run, *self.local_step(run, k, presampled.get((id(self), i))))
                   for i, k in enumerate(self._keys(key))]
         return values[0] if self.samples == 1 else sum(values[1:], values[0]) / self.samples
 
     @abstractmethod
-    def score(self, st: Any, dt: Array) -> Array:
+    def score(self, run: Any, st: Any, dt: Array) -> Array:
         """The regularizer's value for one extra step ``st`` of size ``dt``."""
 
     def local_step(self, run: Any, key: Any, tau: Array | None = None) -> tuple[Any, Array]:
@@ -351,12 +360,12 @@ class LocalError(_Local):
 
     name = "local-error"
 
-    def score(self, st: Any, dt: Array) -> Array:
+    def score(self, run: Any, st: Any, dt: Array) -> Array:
         xp = array_namespace(st.error)
         return st.error * xp.abs(xp.astype(dt, st.error.dtype))
 
 
-class LocalStiffness(_Local):
+class LocalStiffness(_Local, _StiffnessTerm):
     """Local stiffness regularization: Shampine's estimate of one extra step at ``tau``.
 
     Args:
@@ -371,15 +380,9 @@ class LocalStiffness(_Local):
         super().__init__(sampler=sampler, dt=dt, first_stage=first_stage, state=state,
                          samples=samples)
         self.variant = _check_variant(variant)
-        self._scale = 1.0
 
-    def check(self, *, sensitivity: str, tableau: Tableau | None, backend: str) -> None:
-        super().check(sensitivity=sensitivity, tableau=tableau, backend=backend)
-        _require_stiffness(self, tableau, self.variant)
-        self._scale = _stiffness_scale(self.variant, tableau)
-
-    def score(self, st: Any, dt: Array) -> Array:
-        return self._scale * st.stiffness
+    def score(self, run: Any, st: Any, dt: Array) -> Array:
+        return self.scale(run) * st.stiffness
 
 
 def as_regularizer(reg: Any) -> Regularizer:
