@@ -51,6 +51,9 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a configuration field (repeatable), e.g. --set hidden=16")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice; 1 gives steadier "
+                        "timings on a shared machine)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=_run)
 
@@ -79,6 +82,10 @@ def _overrides(items: list[str]) -> dict[str, str]:
 def _run(args: argparse.Namespace) -> int:
     from regnde.experiments.runner import RunSpec, run
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(args.threads, 1))
     spec = RunSpec(experiment=args.experiment, regularizer=args.regularizer,
                    backend=args.backend, full=args.full, seed=args.seed, out=args.out,
                    iters=args.iters, data=args.data, lam=args.lam,

@@ -164,4 +164,4 @@ class ToyCubic(ArrayExperiment):
         err = ((sol.ys[-1] - y) ** 2).mean(dim=-1)
         return Output(loss=err.mean(), reg=sol.reg, nfe=float(sol.stats.nfe),
                       nfe_reg=float(sol.stats.nfe_reg), count=len(y),
-                      metric_sum=float(err.sum()))
+                      metric_sum=float(err.detach().sum()))

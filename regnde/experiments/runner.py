@@ -263,7 +263,8 @@ def check_identity(path: Path, found: Any, expected: dict[str, Any]) -> None:
     if diff:
         raise CheckpointError(
             f"run directory {path.parent} holds a checkpoint of a different "
-            f"{expected['experiment']} run ({'; '.join(diff)}). Use another --out, or delete {path} to discard it.")
+            f"{expected['experiment']} run ({'; '.join(diff)}). Use another --out, or delete "
+            f"{path} to discard it.")
 
 
 class _StopOnSignal:

@@ -101,7 +101,7 @@ class TorchExperiment(Experiment):
               **options: Any) -> regnde.Solution:
         """``regnde.solve`` with the experiment's backend, method, tolerances and limits."""
         c = self.config
-        return regnde.solve(f, y0, t, backend=self.backend, method=c.method, rtol=c.rtol,
+        return regnde.solve(f, y0, t, backend=self.backend, method=c.method or None, rtol=c.rtol,
                             atol=c.atol, sensitivity=c.sensitivity, regularizer=regularizer,
                             key=key, max_steps=c.max_steps, trace="summary", **options)
 
@@ -161,7 +161,8 @@ class TorchExperiment(Experiment):
         from importlib.metadata import PackageNotFoundError, version
 
         out = {"python": platform.python_version(), "regnde": regnde.__version__,
-               "torch": torch.__version__, "numpy": np.__version__}
+               "torch": torch.__version__, "numpy": np.__version__,
+               "torch_threads": str(torch.get_num_threads())}
         for dist in ("torchdiffeq", "torchsde", "scikit-learn"):
             try:
                 out[dist] = version(dist)
