@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import pathlib
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +213,7 @@ def test_resume_after_interrupt_is_exact(tmp_path, experiment, regularizer):
                      checkpoint_every=100)
     with pytest.raises(runner.RunInterrupted, match="iteration 2 of 4"):
         runner.run(spec, callback=_interrupt_at(2))
-    state, meta = checkpoint.load(tmp_path / "cut" / "checkpoint.pt")
+    _, meta = checkpoint.load(tmp_path / "cut" / "checkpoint.pt")
     assert meta["iteration"] == 2 and len(meta["history"]) == 2
     assert not (tmp_path / "cut" / "results.json").exists()
     resumed = runner.run(spec)
@@ -227,6 +229,19 @@ def test_resume_after_interrupt_is_exact(tmp_path, experiment, regularizer):
                      for h in meta_a["history"]]
     assert resumed["test"]["metric"] == full["test"]["metric"]
     assert resumed["eval_nfe"] == full["eval_nfe"]
+
+
+def test_ctrl_c_stops_after_the_current_iteration(tmp_path):
+    def callback(done: int) -> None:
+        if done == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    spec = tiny_spec("toy-cubic", tmp_path, "global-error", iters=3, checkpoint_every=100)
+    with pytest.raises(runner.RunInterrupted, match="all 1 finished iterations are saved"):
+        runner.run(spec, callback=callback)
+    assert checkpoint.load(tmp_path / "checkpoint.pt")[1]["iteration"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert runner.run(spec)["iterations"] == 3
 
 
 def test_finished_run_is_not_retrained(tmp_path):
@@ -393,15 +408,15 @@ def test_miniboone_loader(tmp_path):
 
 
 def test_miniboone_loader_rejects_bad_files(tmp_path):
-    with pytest.raises(data.DataError, match="data.npy"):
+    with pytest.raises(data.DataError, match=r"data\.npy"):
         data.load_miniboone(tmp_path / "missing")
-    with pytest.raises(data.DataError, match="miniboone/data.npy"):
+    with pytest.raises(data.DataError, match=r"miniboone/data\.npy"):
         data.load_miniboone(tmp_path)
     np.save(tmp_path / "data.npy", np.zeros((50, 7)))
     with pytest.raises(data.DataError, match=r"\(N, 43\)"):
         data.load_miniboone(tmp_path)
     (tmp_path / "data.npy").write_bytes(b"not numpy")
-    with pytest.raises(data.DataError, match="not a .npy"):
+    with pytest.raises(data.DataError, match=r"not a \.npy"):
         data.load_miniboone(tmp_path / "data.npy")
 
 
@@ -427,5 +442,5 @@ def test_report_tables_and_plot(tmp_path, capsys):
     assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
     text2 = report([tmp_path / "runs" / "none"])
     assert "global-error" not in text2 and "| none | 2 |" in text2
-    with pytest.raises(ValueError, match="no results.json"):
+    with pytest.raises(ValueError, match=r"no results\.json"):
         report([tmp_path / "runs" / "none" / "s0" / "history.json"])

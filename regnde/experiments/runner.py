@@ -154,7 +154,8 @@ def identity(cls: type[base.Experiment], config: base.Config, backend: str, spec
              lam: str) -> dict[str, Any]:
     """What makes two runs the same run (a checkpoint must match it to be resumed)."""
     return {"experiment": cls.name, "backend": backend, "regularizer": spec.regularizer,
-            "lam": lam, "seed": spec.seed, "data": spec.data,
+            "lam": lam, "seed": spec.seed,
+            "data": None if spec.data is None else str(Path(spec.data).resolve()),
             "config": dataclasses.asdict(config)}
 
 
