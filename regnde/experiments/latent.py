@@ -34,16 +34,17 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def collate(records: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> Batch:
     """Records on the union of their times: ``tt (T,)``, ``vals (B, T, D)``, ``mask (B, T, D)``
-    (zeros where a series has no observation), as the references' collate function does."""
-    tt = np.unique(np.concatenate([r[1] for r in records]))
+    (zeros where a series has no observation), as the references' collate function does.
+    Times are float32 like the states (``regnde.solve`` wants one dtype), unique after rounding."""
+    tt = np.unique(np.concatenate([r[1] for r in records]).astype(np.float32))
     dim = records[0][2].shape[1]
     vals = np.zeros((len(records), len(tt), dim))
     mask = np.zeros_like(vals)
     for i, (_, t, v, m) in enumerate(records):
-        idx = np.searchsorted(tt, t)
+        idx = np.searchsorted(tt, t.astype(np.float32))
         vals[i, idx], mask[i, idx] = v, m
     f = torch.float32
-    return (torch.tensor(tt, dtype=torch.float64), torch.tensor(vals, dtype=f),
+    return (torch.tensor(tt, dtype=f), torch.tensor(vals, dtype=f),
             torch.tensor(mask, dtype=f))
 
 
@@ -140,7 +141,7 @@ class LatentODE(TorchExperiment):
         else:
             z0 = mean
         t = tt if float(tt[0]) == 0.0 else torch.cat([tt.new_zeros(1), tt])
-        sol = self.solve(model.func, z0, t.to(z0.dtype), regularizer, key)
+        sol = self.solve(model.func, z0, t, regularizer, key)
         zs = sol.ys[len(t) - len(tt):].transpose(0, 1)  # (B, T, latent)
         pred = model.decode(zs)
         sq = (pred - vals) ** 2 * mask
