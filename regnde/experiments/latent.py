@@ -1,0 +1,153 @@
+"""``latent-ode``: a latent ODE (Rubanova et al. 2019) on irregularly sampled time series.
+
+A GRU reads the observations backwards in time (inputs: values, observation mask, time gap)
+and gives the mean and log-variance of ``z(t0)``; an ODE in latent space, solved at the union
+of the batch's observation times, is decoded linearly. Loss: Gaussian negative log-likelihood
+(``obs_std``) of the observed values plus the KL divergence of ``z(t0)`` from ``N(0, I)``, per
+observed value. Metric: reconstruction MSE over observed values (lower is better), with
+``z(t0)`` at its mean. Data: synthetic damped sinusoids (default) or PhysioNet 2012 with
+``--data PATH`` (see :mod:`regnde.experiments.data`; 80/10/10 split, fixed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from regnde.experiments import data as D
+from regnde.experiments.base import Config, register
+from regnde.experiments.torch_common import (
+    Output,
+    TimeMLP,
+    TorchExperiment,
+    chunks,
+    random_rows,
+    split_indices,
+)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def collate(records: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> Batch:
+    """Records on the union of their times: ``tt (T,)``, ``vals (B, T, D)``, ``mask (B, T, D)``
+    (zeros where a series has no observation), as the references' collate function does.
+    Times are float32 like the states (``regnde.solve`` wants one dtype), unique after rounding."""
+    tt = np.unique(np.concatenate([r[1] for r in records]).astype(np.float32))
+    dim = records[0][2].shape[1]
+    vals = np.zeros((len(records), len(tt), dim))
+    mask = np.zeros_like(vals)
+    for i, (_, t, v, m) in enumerate(records):
+        idx = np.searchsorted(tt, t.astype(np.float32))
+        vals[i, idx], mask[i, idx] = v, m
+    f = torch.float32
+    return (torch.tensor(tt, dtype=f), torch.tensor(vals, dtype=f),
+            torch.tensor(mask, dtype=f))
+
+
+class LatentODEModel(nn.Module):
+    """GRU encoder (backwards in time), latent vector field ``func``, linear decoder."""
+
+    def __init__(self, dim: int, latent: int, hidden: int, rnn: int):
+        super().__init__()
+        self.rnn = nn.GRU(2 * dim + 1, rnn, batch_first=True)
+        self.to_z0 = nn.Linear(rnn, 2 * latent)
+        self.func = TimeMLP((latent, hidden, latent))
+        self.decode = nn.Linear(latent, dim)
+
+    def encode(self, tt: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        gaps = torch.diff(tt, prepend=tt[:1]).to(vals.dtype)
+        x = torch.cat([vals, mask, gaps.expand(vals.shape[0], -1).unsqueeze(-1)], dim=-1)
+        _, h = self.rnn(torch.flip(x, dims=[1]))
+        mean, logvar = self.to_z0(h[-1]).chunk(2, dim=-1)
+        return mean, logvar
+
+
+@dataclass
+class LatentConfig(Config):
+    """Synthetic data: ``n_train``/``n_val``/``n_test`` series of ``n_points`` observations in
+    ``dim`` features. Model: ``latent`` dimensions, ``hidden`` width of the latent vector field,
+    ``rnn`` GRU width; ``obs_std`` the likelihood's noise scale."""
+
+    iters: int = 300
+    batch_size: int = 64
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    n_train: int = 512
+    n_val: int = 128
+    n_test: int = 128
+    n_points: int = 20
+    dim: int = 3
+    latent: int = 6
+    hidden: int = 32
+    rnn: int = 32
+    obs_std: float = 0.1
+
+
+@register
+class LatentODE(TorchExperiment):
+    """Latent ODE with a GRU encoder on irregular series (synthetic or PhysioNet)."""
+
+    name = "latent-ode"
+    metric = "mse"
+    higher_is_better = False
+    select_tolerance = 1e-3
+    lam_defaults: ClassVar[dict[str, str]] = {
+        "error": "100:10", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "1"}
+    config_class = LatentConfig
+    data_help = "PhysioNet 2012 preprocessed (processed/set-a_<q>.pt)"
+
+    @classmethod
+    def full_config(cls) -> dict[str, Any]:
+        return {"iters": 3000, "latent": 20, "hidden": 50, "rnn": 50, "batch_size": 50}
+
+    def load_data(self) -> dict[str, Any]:
+        c = self.config
+        if self.data is not None:
+            items = D.load_physionet(self.data).items
+            tr, va, te = split_indices(len(items), (0.1, 0.1))
+            parts = {"train": [items[i] for i in tr], "val": [items[i] for i in va],
+                     "test": [items[i] for i in te]}
+        else:
+            parts = {k: D.irregular_series(n, c.n_points, c.dim, seed).items
+                     for k, n, seed in (("train", c.n_train, 0), ("val", c.n_val, 1),
+                                        ("test", c.n_test, 2))}
+        self.dim = parts["train"][0][2].shape[1]
+        return parts
+
+    def build_model(self) -> nn.Module:
+        c = self.config
+        return LatentODEModel(self.dim, c.latent, c.hidden, c.rnn)
+
+    def sample_batch(self, split: list[Any], gen: torch.Generator) -> Batch:
+        rows = random_rows(len(split), self.config.batch_size, gen)
+        return collate([split[int(i)] for i in rows])
+
+    def eval_batches(self, split: list[Any]) -> list[Batch]:
+        return [collate(split[s]) for s in chunks(len(split), self.config.batch_size)]
+
+    def forward(self, batch: Batch, regularizer: Any, key: int, gen: torch.Generator,
+                train: bool) -> Output:
+        tt, vals, mask = batch
+        model: LatentODEModel = self.model  # type: ignore[assignment]
+        mean, logvar = model.encode(tt, vals, mask)
+        if train:
+            eps = torch.randn(mean.shape, generator=gen, dtype=mean.dtype)
+            z0 = mean + torch.exp(0.5 * logvar) * eps
+        else:
+            z0 = mean
+        t = tt if float(tt[0]) == 0.0 else torch.cat([tt.new_zeros(1), tt])
+        sol = self.solve(model.func, z0, t, regularizer, key)
+        zs = sol.ys[len(t) - len(tt):].transpose(0, 1)  # (B, T, latent)
+        pred = model.decode(zs)
+        sq = (pred - vals) ** 2 * mask
+        n_obs = mask.sum().clamp_min(1.0)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).sum()
+        loss = (0.5 * sq.sum() / self.config.obs_std**2 + kl) / n_obs
+        return Output(loss=loss, reg=sol.reg, nfe=float(sol.stats.nfe),
+                      nfe_reg=float(sol.stats.nfe_reg), count=int(n_obs),
+                      metric_sum=float(sq.detach().sum()))

@@ -1,0 +1,167 @@
+"""Neural ODE experiments on fixed arrays: ``digits-node`` (classifier) and ``toy-cubic``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from regnde.experiments import data as D
+from regnde.experiments.base import Config, register
+from regnde.experiments.torch_common import (
+    Output,
+    TimeMLP,
+    TorchExperiment,
+    chunks,
+    random_rows,
+    split_indices,
+)
+
+Arrays = tuple[torch.Tensor, torch.Tensor]
+
+
+class ArrayExperiment(TorchExperiment):
+    """Splits are ``(x, y)`` tensor pairs; batches are row subsets."""
+
+    def sample_batch(self, split: Arrays, gen: torch.Generator) -> Arrays:
+        rows = random_rows(len(split[0]), self.config.batch_size, gen)
+        return split[0][rows], split[1][rows]
+
+    def eval_batches(self, split: Arrays) -> list[Arrays]:
+        return [(split[0][s], split[1][s]) for s in chunks(len(split[0]), self.config.batch_size)]
+
+
+def _limit(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    return (x[:n], y[:n]) if n > 0 else (x, y)
+
+
+@dataclass
+class DigitsConfig(Config):
+    """``hidden``: width of the vector field's hidden layer. ``t1``: integration time.
+    ``n_train``/``n_eval``: keep only that many training / evaluation examples (0: all)."""
+
+    hidden: int = 100
+    t1: float = 1.0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    n_train: int = 0
+    n_eval: int = 0
+
+
+class Classifier(nn.Module):
+    """``func``: the ODE's vector field on the input space; ``head``: linear classifier."""
+
+    def __init__(self, dim: int, hidden: int, classes: int):
+        super().__init__()
+        self.func = TimeMLP((dim, hidden, dim))
+        self.head = nn.Linear(dim, classes)
+
+
+@register
+class DigitsNODE(ArrayExperiment):
+    """A neural ODE classifier: ``z(1)`` of ``dz/dt = f([z; t])`` with ``z(0) = x``, then a
+    linear head. scikit-learn's 8x8 digits by default (70/15/15 split, fixed), real MNIST with
+    ``--data DIR`` (IDX files; validation = 10% of the training set)."""
+
+    name = "digits-node"
+    metric = "accuracy"
+    higher_is_better = True
+    select_tolerance = 0.01
+    lam_defaults: ClassVar[dict[str, str]] = {
+        "error": "2.5:1.0", "stiffness": "0.01", "taylor": "6e-5", "rnode": "0.01",
+        "steer": "1"}
+    config_class = DigitsConfig
+    data_help = "a directory with the four MNIST IDX files (optionally .gz)"
+
+    @classmethod
+    def full_config(cls) -> dict[str, Any]:
+        return {"iters": 3000}
+
+    def load_data(self) -> dict[str, Any]:
+        c = self.config
+        if self.data is None:
+            x, y = D.digits()
+            tr, va, te = split_indices(len(x), (c.val_fraction, c.test_fraction))
+            parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
+        else:
+            mnist = D.load_mnist(self.data)
+            x, y = mnist["train"]
+            perm = np.random.default_rng(0).permutation(len(x))
+            va, tr = perm[: max(len(x) // 10, 1)], perm[max(len(x) // 10, 1):]
+            parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": mnist["test"]}
+        out = {}
+        for k, (xs, ys) in parts.items():
+            xs, ys = _limit(xs, ys, c.n_train if k == "train" else c.n_eval)
+            out[k] = (torch.from_numpy(np.ascontiguousarray(xs)),
+                      torch.from_numpy(np.ascontiguousarray(ys)))
+        self.dim = out["train"][0].shape[1]
+        return out
+
+    def build_model(self) -> nn.Module:
+        return Classifier(self.dim, self.config.hidden, 10)
+
+    def forward(self, batch: Arrays, regularizer: Any, key: int, gen: torch.Generator,
+                train: bool) -> Output:
+        x, y = batch
+        t = torch.tensor([0.0, self.config.t1])
+        sol = self.solve(self.model.func, x, t, regularizer, key)
+        logits = self.model.head(sol.ys[-1])
+        loss = nn.functional.cross_entropy(logits, y)
+        correct = float((logits.argmax(-1) == y).sum())
+        return Output(loss=loss, reg=sol.reg, nfe=float(sol.stats.nfe),
+                      nfe_reg=float(sol.stats.nfe_reg), count=len(y), metric_sum=correct)
+
+
+@dataclass
+class CubicConfig(Config):
+    """``hidden``: width of the two hidden layers; ``n_*``: sizes of the fixed splits; inputs
+    ``z(0) ~ U[-range, range]``."""
+
+    hidden: int = 32
+    n_train: int = 1024
+    n_val: int = 256
+    n_test: int = 256
+    range: float = 1.0
+
+
+@register
+class ToyCubic(ArrayExperiment):
+    """TayNODE's toy problem: learn the map ``z(1) = z(0) + z(0)^3`` with a 1-D neural ODE;
+    metric: mean squared error (lower is better)."""
+
+    name = "toy-cubic"
+    metric = "mse"
+    higher_is_better = False
+    select_tolerance = 1e-3
+    lam_defaults: ClassVar[dict[str, str]] = {
+        "error": "1.0", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "1"}
+    config_class = CubicConfig
+
+    @classmethod
+    def full_config(cls) -> dict[str, Any]:
+        return {"iters": 3000}
+
+    def load_data(self) -> dict[str, Any]:
+        c = self.config
+        rng = np.random.default_rng(0)
+        out = {}
+        for k, n in (("train", c.n_train), ("val", c.n_val), ("test", c.n_test)):
+            x = rng.uniform(-c.range, c.range, size=(n, 1)).astype(np.float32)
+            out[k] = (torch.from_numpy(x), torch.from_numpy(x + x**3))
+        return out
+
+    def build_model(self) -> nn.Module:
+        h = self.config.hidden
+        return TimeMLP((1, h, h, 1))
+
+    def forward(self, batch: Arrays, regularizer: Any, key: int, gen: torch.Generator,
+                train: bool) -> Output:
+        x, y = batch
+        sol = self.solve(self.model, x, torch.tensor([0.0, 1.0]), regularizer, key)
+        err = ((sol.ys[-1] - y) ** 2).mean(dim=-1)
+        return Output(loss=err.mean(), reg=sol.reg, nfe=float(sol.stats.nfe),
+                      nfe_reg=float(sol.stats.nfe_reg), count=len(y),
+                      metric_sum=float(err.detach().sum()))

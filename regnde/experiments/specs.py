@@ -1,0 +1,215 @@
+"""Regularizer names used on the command line, and their coefficient schedules.
+
+A *regularizer spec* is a name from :func:`regularizer_names` or a sum of them joined by ``+``
+(``local-error-unbiased+global-stiffness``). Each name maps to a factory that builds a
+:mod:`regnde.regularizers` object and to a *family* (``error``, ``stiffness``, ``taylor``,
+``rnode``, ``steer``) that picks the experiment's default coefficient schedule.
+
+Regularizers written elsewhere (TayNODE, RNODE, STEER) are looked up on
+:mod:`regnde.regularizers` by class name when they are used, so they plug in as soon as they
+exist; until then using them raises an error that says what is missing. Third parties add names
+with :func:`register_regularizer`.
+
+A *coefficient spec* (``--lam``) is ``X`` (constant), ``X:Y`` (exponential from ``X`` to ``Y``
+over the run, the references' schedule), or ``cos:X:Y`` (cosine); for a sum, one per term joined
+by ``+`` or a single one applied to every term. A comma-separated list is a sweep whose value is
+chosen on the validation split.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from regnde import regularizers as R
+from regnde import schedules
+from regnde.errors import choices
+
+Factory = Callable[[], Any]
+Schedule = Callable[[int], float]
+
+FAMILIES = ("error", "stiffness", "taylor", "rnode", "steer")
+
+
+@dataclass(frozen=True)
+class RegSpec:
+    """One registered regularizer name: its factory and its family."""
+
+    name: str
+    factory: Factory
+    family: str
+    doc: str = ""
+
+
+_SPECS: dict[str, RegSpec] = {}
+_PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], RegSpec]]] = []
+
+
+def register_regularizer(name: str, factory: Factory, family: str, doc: str = "") -> None:
+    """Make ``name`` usable in ``--regularizer``; ``factory()`` builds the regularizer."""
+    if family not in FAMILIES:
+        raise ValueError(choices("regularizer family", family, FAMILIES))
+    if "+" in name or name == "none":
+        raise ValueError(f"regularizer name {name!r} may not contain '+' or be 'none'.")
+    _SPECS[name] = RegSpec(name, factory, family, doc)
+
+
+def _library(class_name: str, what: str) -> Callable[..., Any]:
+    """``regnde.regularizers.<class_name>``, or an error saying it is not there yet."""
+    cls = getattr(R, class_name, None)
+    if cls is None:
+        raise ValueError(
+            f"{what} needs regnde.regularizers.{class_name}, which this regnde does not provide "
+            f"(yet). Use one of the available regularizers: "
+            f"{', '.join(regularizer_names(available_only=True))}."
+        )
+    return cls
+
+
+def _taynode(match: re.Match[str]) -> RegSpec:
+    order = int(match.group(1))
+    if order < 1:
+        raise ValueError(f"taynode-K needs K >= 1, got {match.group(0)!r}.")
+    name = match.group(0)
+    return RegSpec(name, lambda: _library("TaylorDerivative", name)(order=order), "taylor",
+                   "TayNODE: integral of the squared K-th total derivative")
+
+
+def _rnode() -> Any:
+    return _library("KineticEnergy", "rnode")() + _library("JacobianFrobenius", "rnode")()
+
+
+def _steer() -> Any:
+    return _library("STEER", "steer")()
+
+
+def _builtins() -> None:
+    register_regularizer("global-error", R.GlobalError, "error",
+                         "ERNODE: sum of error * |dt| over accepted steps")
+    register_regularizer("global-stiffness", R.GlobalStiffness, "stiffness",
+                         "SRNODE: sum of Shampine's stiffness estimates")
+    register_regularizer("local-error-unbiased", lambda: R.LocalError(sampler="unbiased"),
+                         "error", "local error, tau ~ U[t0, t1], recorded dt, exact gradient")
+    register_regularizer("local-error-biased", lambda: R.LocalError(sampler="biased"),
+                         "error", "local error, tau from the accepted step starts")
+    register_regularizer(
+        "local-error-reference",
+        lambda: R.LocalError(sampler="unbiased", dt="initial", first_stage="constant"),
+        "error", "local error as LocalRegNeuralDE.jl: initial dt, first stage constant")
+    register_regularizer("local-stiffness", lambda: R.LocalStiffness(sampler="biased"),
+                         "stiffness", "local stiffness, biased sampler")
+    register_regularizer("local-stiffness-unbiased",
+                         lambda: R.LocalStiffness(sampler="unbiased"), "stiffness",
+                         "local stiffness, unbiased sampler")
+    register_regularizer("rnode", _rnode, "rnode",
+                         "RNODE: kinetic energy + Jacobian Frobenius norm")
+    register_regularizer("steer", _steer, "steer", "STEER: random end time")
+    _PATTERNS.append((re.compile(r"taynode-(\d+)"), _taynode))
+
+
+_builtins()
+
+
+def regularizer_names(available_only: bool = False) -> list[str]:
+    """Valid names for ``--regularizer`` (``taynode-K`` for any order ``K``)."""
+    names = ["none", *sorted(_SPECS), "taynode-K"]
+    if not available_only:
+        return names
+    missing = {"rnode": "KineticEnergy", "steer": "STEER", "taynode-K": "TaylorDerivative"}
+    return [n for n in names if n not in missing or hasattr(R, missing[n])]
+
+
+def lookup(name: str) -> RegSpec:
+    """The :class:`RegSpec` registered as ``name``; unknown names list the valid ones."""
+    if name in _SPECS:
+        return _SPECS[name]
+    for pattern, make in _PATTERNS:
+        m = pattern.fullmatch(name)
+        if m:
+            return make(m)
+    raise ValueError(choices("regularizer", name, regularizer_names(),
+                             "Combine them with '+', e.g. local-error-unbiased+global-stiffness."))
+
+
+def parse_regularizer(spec: str) -> list[RegSpec]:
+    """The terms of a spec (empty for ``none``); checks every name without building anything."""
+    spec = spec.strip()
+    if spec == "none":
+        return []
+    parts = [p.strip() for p in spec.split("+")]
+    if any(p in ("", "none") for p in parts):
+        raise ValueError(f"regularizer spec {spec!r}: 'none' and empty terms cannot be summed.")
+    terms = [lookup(p) for p in parts]
+    if len({t.name for t in terms}) != len(terms):
+        raise ValueError(f"regularizer spec {spec!r} names a term twice.")
+    return terms
+
+
+def parse_schedule(text: str, iters: int) -> Schedule:
+    """One coefficient schedule from ``X``, ``X:Y`` (exponential) or ``cos:X:Y``."""
+    text = text.strip()
+    try:
+        if text.startswith("cos:"):
+            a, b = (float(x) for x in text[4:].split(":"))
+            return schedules.Cosine(a, b, max(iters, 1))
+        if ":" in text:
+            a, b = (float(x) for x in text.split(":"))
+            if a == b:
+                return schedules.Constant(a)
+            return schedules.Exponential(a, b, max(iters, 1))
+        return schedules.Constant(float(text))
+    except ValueError as exc:
+        raise ValueError(
+            f"bad coefficient {text!r}: use X (constant), X:Y (exponential from X to Y over the "
+            f"run) or cos:X:Y ({exc})."
+        ) from None
+
+
+def coefficient_specs(lam: str, n_terms: int) -> list[str]:
+    """Split one candidate ``--lam`` value into one spec per term."""
+    parts = [p.strip() for p in lam.split("+")]
+    if len(parts) == 1:
+        return parts * n_terms
+    if len(parts) != n_terms:
+        raise ValueError(
+            f"--lam {lam!r} has {len(parts)} terms but the regularizer has {n_terms}; give one "
+            f"coefficient per term joined by '+', or one for all."
+        )
+    return parts
+
+
+class ScheduledRegularizer:
+    """The terms of a spec with one coefficient schedule each.
+
+    ``at(i)`` returns ``sum_k lam_k(i) * R_k`` (a :class:`regnde.regularizers.Regularizer`) for
+    iteration ``i``, or ``None`` for ``none``; ``coefficients(i)`` the values ``lam_k(i)``.
+    """
+
+    def __init__(self, spec: str, lam: str, iters: int):
+        self.spec = spec
+        self.lam = lam
+        self.terms = parse_regularizer(spec)
+        self.schedules = (
+            [parse_schedule(s, iters) for s in coefficient_specs(lam, len(self.terms))]
+            if self.terms else []
+        )
+        self.objects = [t.factory() for t in self.terms]
+
+    def coefficients(self, iteration: int) -> list[float]:
+        return [s(iteration) for s in self.schedules]
+
+    def at(self, iteration: int) -> Any:
+        if not self.terms:
+            return None
+        return sum((c * r for c, r in zip(self.coefficients(iteration), self.objects,
+                                          strict=True)), 0)
+
+
+def default_lam(spec: str, defaults: dict[str, str]) -> str:
+    """The experiment's default coefficient spec for ``spec`` from its per-family ``defaults``."""
+    terms = parse_regularizer(spec)
+    if not terms:
+        return "0"
+    return "+".join(defaults[t.family] for t in terms)
