@@ -63,7 +63,7 @@ class CNFField(nn.Module):
                 z = z.detach().requires_grad_(True)
             dz = self.net(t, z)
             if self.exact:
-                div = sum(torch.autograd.grad(dz[:, i].sum(), z, create_graph=create_graph,
+                div: Any = sum(torch.autograd.grad(dz[:, i].sum(), z, create_graph=create_graph,
                                               retain_graph=True)[0][:, i]
                           for i in range(z.shape[-1]))
             else:
@@ -85,6 +85,7 @@ class CNF2D(ArrayExperiment):
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "1.0", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "1"}
     config_class = CNFConfig
+    config: CNFConfig
     data_help = "MINIBOONE data.npy (N, 43) or a directory holding miniboone/data.npy"
 
     @classmethod
@@ -102,7 +103,7 @@ class CNF2D(ArrayExperiment):
         out = {}
         for k, x in parts.items():
             t = torch.from_numpy(np.ascontiguousarray(x))
-            out[k] = (t, torch.zeros(len(t)))
+            out[k] = (t, torch.zeros(len(t), dtype=t.dtype))
         self.dim = out["train"][0].shape[1]
         return out
 
@@ -116,7 +117,8 @@ class CNF2D(ArrayExperiment):
         field.exact = not train and self.dim <= self.config.exact_trace_max_dim
         field.noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
         state = torch.cat([x, torch.zeros(len(x), 1, dtype=x.dtype)], dim=-1)
-        sol = self.solve(field, state, torch.tensor([0.0, 1.0]), regularizer, key)
+        sol = self.solve(field, state, torch.tensor([0.0, 1.0], dtype=state.dtype), regularizer,
+                         key)
         z1, logdet = sol.ys[-1][:, :-1], sol.ys[-1][:, -1]
         log_base = -0.5 * (z1**2).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
         nll = -(log_base + logdet)

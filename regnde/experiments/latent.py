@@ -99,6 +99,7 @@ class LatentODE(TorchExperiment):
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "100:10", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "1"}
     config_class = LatentConfig
+    config: LatentConfig
     data_help = "PhysioNet 2012 preprocessed (processed/set-a_<q>.pt)"
 
     @classmethod

@@ -74,6 +74,7 @@ class DigitsNODE(ArrayExperiment):
         "error": "2.5:1.0", "stiffness": "0.01", "taylor": "6e-5", "rnode": "0.01",
         "steer": "1"}
     config_class = DigitsConfig
+    config: DigitsConfig
     data_help = "a directory with the four MNIST IDX files (optionally .gz)"
 
     @classmethod
@@ -106,7 +107,7 @@ class DigitsNODE(ArrayExperiment):
     def forward(self, batch: Arrays, regularizer: Any, key: int, gen: torch.Generator,
                 train: bool) -> Output:
         x, y = batch
-        t = torch.tensor([0.0, self.config.t1])
+        t = torch.tensor([0.0, self.config.t1], dtype=torch.float32)
         sol = self.solve(self.model.func, x, t, regularizer, key)
         logits = self.model.head(sol.ys[-1])
         loss = nn.functional.cross_entropy(logits, y)
@@ -139,6 +140,7 @@ class ToyCubic(ArrayExperiment):
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "1.0", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "1"}
     config_class = CubicConfig
+    config: CubicConfig
 
     @classmethod
     def full_config(cls) -> dict[str, Any]:
@@ -160,7 +162,8 @@ class ToyCubic(ArrayExperiment):
     def forward(self, batch: Arrays, regularizer: Any, key: int, gen: torch.Generator,
                 train: bool) -> Output:
         x, y = batch
-        sol = self.solve(self.model, x, torch.tensor([0.0, 1.0]), regularizer, key)
+        sol = self.solve(self.model, x, torch.tensor([0.0, 1.0], dtype=x.dtype), regularizer,
+                         key)
         err = ((sol.ys[-1] - y) ** 2).mean(dim=-1)
         return Output(loss=err.mean(), reg=sol.reg, nfe=float(sol.stats.nfe),
                       nfe_reg=float(sol.stats.nfe_reg), count=len(y),

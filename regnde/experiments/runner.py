@@ -203,7 +203,7 @@ def train(cls: type[base.Experiment], config: base.Config, backend: str, spec: R
                 in_step = True
                 t0 = time.perf_counter()
                 try:
-                    record = exp.train_step(it, schedule.at(it))
+                    record: dict[str, Any] = exp.train_step(it, schedule.at(it))
                 except Exception as exc:
                     exc.add_note(f"({cls.name}, {spec.regularizer}: at iteration {it}; the "
                                  f"checkpoint in {where} holds the last saved iteration)")

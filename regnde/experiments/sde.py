@@ -112,6 +112,7 @@ class SpiralSDE(TorchExperiment):
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "1000", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "1"}
     config_class = SpiralConfig
+    config: SpiralConfig
 
     @classmethod
     def check_available(cls, backend: str) -> None:
@@ -144,8 +145,8 @@ class SpiralSDE(TorchExperiment):
                 train: bool) -> Output:
         mean, var = batch
         c = self.config
-        y0 = torch.tensor([[2.0, 0.0]]).expand(c.paths, 2).contiguous()
-        t = torch.linspace(0.0, 1.0, c.n_times)
+        y0 = torch.tensor([[2.0, 0.0]], dtype=torch.float32).expand(c.paths, 2).contiguous()
+        t = torch.linspace(0.0, 1.0, c.n_times, dtype=torch.float32)
         sol = self.solve(self.model, y0, t, regularizer, key, adaptive=True, dt=c.dt)
         loss = ((sol.ys.mean(1) - mean) ** 2).sum() + ((sol.ys.var(1) - var) ** 2).sum()
         return Output(loss=loss, reg=sol.reg, nfe=float(sol.stats.nfe),
@@ -170,6 +171,7 @@ class DigitsNSDE(DigitsNODE):
     name = "digits-nsde"
     backends = ("torchsde",)
     config_class = DigitsSDEConfig
+    config: DigitsSDEConfig  # type: ignore[assignment]
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "1000", "stiffness": "0.01", "taylor": "6e-5", "rnode": "0.01", "steer": "1"}
 
@@ -185,7 +187,7 @@ class DigitsNSDE(DigitsNODE):
     def forward(self, batch: Any, regularizer: Any, key: int, gen: torch.Generator,
                 train: bool) -> Output:
         x, y = batch
-        t = torch.tensor([0.0, self.config.t1])
+        t = torch.tensor([0.0, self.config.t1], dtype=torch.float32)
         sol = self.solve(self.model.sde, x, t, regularizer, key, adaptive=True,
                          dt=self.config.dt)
         logits = self.model.head(sol.ys[-1])

@@ -72,7 +72,7 @@ class TorchExperiment(Experiment):
     """An experiment in torch on ``regnde.solve`` (backends ``torchdiffeq``/``torchsde``)."""
 
     splits: dict[str, Any]
-    model: nn.Module
+    model: Any  # the experiment's nn.Module (subclasses reach its submodules)
 
     # -- what subclasses provide -----------------------------------------------------------
     @abstractmethod
@@ -111,7 +111,7 @@ class TorchExperiment(Experiment):
         self.gen = torch.Generator().manual_seed(self.seed)
         self.splits = self.load_data()
         torch.manual_seed(self.seed)
-        self.model = self.build_model()
+        self.model = self.build_model().float()  # the experiments run in float32
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
 
     def train_step(self, iteration: int, regularizer: Any) -> dict[str, float]:
