@@ -84,7 +84,7 @@ _methods = importlib.import_module("torchsde._core.methods")
 _sdeint_mod = importlib.import_module("torchsde._core.sdeint")
 _adjoint_mod = importlib.import_module("torchsde._core.adjoint")
 
-_ORIGINAL_SELECT: Callable[..., type] = _methods.select
+_ORIGINAL_SELECT: Callable[..., Any] = _methods.select
 
 #: Methods regnde runs adaptively: every torchsde method but ``adjoint_reversible_heun``, which
 #: only exists as the backward solver of ``reversible_heun`` under the adjoint.
@@ -256,7 +256,7 @@ def _recorded_integrate(solver: Any, rec: Recorder, y0: torch.Tensor, ts: torch.
             next_t = min(curr_t + step_size, ts[-1])
             rec.attempt(curr_t, ts[-1])
             if solver.adaptive:
-                next_y_full, _, next_y, next_extra, error = double_step(
+                _, _, next_y, next_extra, error = double_step(
                     solver, curr_t, next_t, curr_y, curr_extra)
                 error_estimate = error.detach().cpu().item()
                 if not math.isfinite(error_estimate):
@@ -330,7 +330,7 @@ def recording_solvers() -> Iterator[None]:
     global _patch_depth
     with _patch_lock:
         if _patch_depth == 0:
-            _methods.select = _select
+            setattr(_methods, "select", _select)  # noqa: B010
         _patch_depth += 1
     try:
         yield
@@ -338,7 +338,7 @@ def recording_solvers() -> Iterator[None]:
         with _patch_lock:
             _patch_depth -= 1
             if _patch_depth == 0:
-                _methods.select = _ORIGINAL_SELECT
+                setattr(_methods, "select", _ORIGINAL_SELECT)  # noqa: B010
 
 
 class _SolveContext:
@@ -346,14 +346,15 @@ class _SolveContext:
 
     def __init__(self, *, max_steps: int, keep_states: bool, full: bool,
                  probes: Mapping[int, torch.Tensor]):
-        self.kw = {"max_steps": max_steps, "keep_states": keep_states, "full": full,
-                   "probes": probes}
+        self.max_steps, self.keep_states, self.full = max_steps, keep_states, full
+        self.probes = probes
         self.recorder: Recorder | None = None
 
     def recorder_for(self, solver: Any) -> Recorder | None:
         if self.recorder is not None:
             return None
-        self.recorder = Recorder(solver, **self.kw)
+        self.recorder = Recorder(solver, max_steps=self.max_steps, keep_states=self.keep_states,
+                                 full=self.full, probes=self.probes)
         return self.recorder
 
 
@@ -556,7 +557,7 @@ def noise_channels(sde: Any, names: Mapping[str, str], y0: torch.Tensor, t0: tor
     if not callable(g_fn) and not callable(fg_fn):
         return y0.shape[1]  # only products given: torchsde checks them (and needs bm)
     with torch.no_grad():
-        g = g_fn(t0, y0) if callable(g_fn) else fg_fn(t0, y0)[1]
+        g = g_fn(t0, y0) if callable(g_fn) else fg_fn(t0, y0)[1]  # type: ignore[misc]
     b, d = y0.shape
     noise = sde.noise_type
     if noise == NOISE_TYPES.diagonal:
@@ -645,6 +646,8 @@ class TorchsdeBackend(Backend):
                     )
                 options["adjoint_params"] = tuple(sde.parameters())
         m = noise_channels(sde, names, y0, t[0])
+        if options.get("logqp") and sde.noise_type == NOISE_TYPES.diagonal:
+            m += 1  # torchsde appends the log-ratio channel to the state (sdeint.py:139)
         if options.get("bm") is None:
             options["bm"] = brownian_interval(key, t, (y0.shape[0], m), y0, method)
 
