@@ -129,6 +129,26 @@ def test_logqp_and_names_pass_through(problem):
     assert keyed.logqp.shape == logqp.shape
 
 
+def test_extra_solver_state_passes_through(problem):
+    y0, t = problem
+    sde = NeuralSDE(sde_type="stratonovich")
+    kw = {"method": "reversible_heun", "extra": True, **TOL}
+    sol = regnde.solve(sde, y0, t, bm=make_bm("reversible_heun"), **kw)
+    ys, extra = torchsde.sdeint(sde, y0, t, bm=make_bm("reversible_heun"), adaptive=True, **kw)
+    assert torch.equal(sol.ys, ys)
+    assert all(torch.equal(a, b) for a, b in zip(sol.extra_solver_state, extra, strict=True))
+
+
+def test_float32_and_initial_dt(problem):
+    y0, t = problem
+    sde = NeuralSDE().float()
+    with pytest.warns(UserWarning, match="dt='initial'"):
+        reg = R.LocalError(dt="initial")
+    sol = regnde.solve(sde, y0.float(), t.float(), key=0, regularizer=reg, dt=0.01, **TOL)
+    assert sol.ys.dtype == torch.float32 and sol.trace.error.dtype == torch.float32
+    assert torch.isfinite(sol.reg) and float(sol.reg.detach()) > 0
+
+
 def test_nfe_counts_drift_evaluations(problem):
     y0, t = problem
     sde = NeuralSDE()
@@ -250,7 +270,10 @@ def test_recording_is_scoped(problem):
             return super().f(t_, y)
 
     sol = regnde.solve(Slow(), y0, t, bm=make_bm(), **TOL)
-    assert len(seen) == 1 and sol.trace.n_steps > 0
+    alone = regnde.solve(NeuralSDE(), y0, t, bm=make_bm(), **TOL)
+    assert len(seen) == 1 and torch.equal(seen[0], alone.ys)
+    assert torch.equal(sol.trace.t, alone.trace.t) and torch.equal(sol.ys, alone.ys)
+    assert methods.select is adapter._ORIGINAL_SELECT
 
 
 # -- bad input ---------------------------------------------------------------------------------
