@@ -116,7 +116,8 @@ def solve(
         t: ``(T,)`` strictly monotonic output times; decreasing solves backwards in time.
         backend: a registered backend name; ``None`` infers it from ``y0``.
         method: a method of that backend (see :func:`methods`); ``None``: its default.
-        rtol, atol: tolerances of the step-size controller.
+        rtol, atol: tolerances of the step-size controller, passed to every backend (torchsde
+            too, whose own defaults are rtol=1e-5, atol=1e-4; SDEs usually need looser ones).
         sensitivity: ``"direct"`` (backpropagate through the solver) or ``"adjoint"``.
         regularizer: a regnde regularizer or ``None``.
         key: randomness for samplers: int seed, ``torch.Generator``, JAX PRNG key or ``None``.

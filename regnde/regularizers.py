@@ -164,12 +164,15 @@ def _stiffness_scale(variant: str, tableau: Tableau | None) -> float:
     return 1.0 / STABILITY_SIZE.get(tableau.name, 1.0)
 
 
-def _require_stiffness(reg: Regularizer, tableau: Tableau | None, variant: str) -> None:
+def _require_stiffness(reg: Regularizer, tableau: Tableau | None, variant: str,
+                       backend: str = "") -> None:
     if tableau is None or tableau.stiffness_pair is None:
-        name = tableau.name if tableau is not None else "this method"
+        name = repr(tableau.name) if tableau is not None else "the method"
+        on = f" of backend {backend!r}" if backend else ""
         raise ValueError(
             f"{reg!r} needs a method with a stiffness pair (two stages with equal c); "
-            f"{name!r} has none. Use method='dopri5' or 'tsit5', or an error regularizer."
+            f"{name}{on} has none. Use method='dopri5' or 'tsit5' on a Runge–Kutta backend, "
+            f"or an error regularizer (GlobalError, LocalError)."
         )
     if variant == "reference" and tableau.name not in STABILITY_SIZE:
         raise ValueError(
@@ -186,7 +189,7 @@ class _StiffnessTerm(Regularizer):
 
     def check(self, *, sensitivity: str, tableau: Tableau | None, backend: str) -> None:
         super().check(sensitivity=sensitivity, tableau=tableau, backend=backend)
-        _require_stiffness(self, tableau, self.variant)
+        _require_stiffness(self, tableau, self.variant, backend)
 
     def scale(self, run: Any) -> float:
         return 1.0 if self.variant == "raw" else _stiffness_scale(self.variant, run.tableau)

@@ -15,6 +15,9 @@ from regnde.plugins import ENTRY_POINT_GROUP, ENV_DISABLE, HOOKS, Registry, hook
 from regnde.regularizers import LocalError, Regularizer
 from regnde.samplers import Sampler
 
+#: The backends regnde registers itself (built-in plugins).
+BUILTIN_BACKENDS = ["torchdiffeq", "torchsde"]
+
 from .helpers import (
     F64,
     MLP,
@@ -44,7 +47,7 @@ def autoload_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- built-ins, listing ---------------------------------------------------------------------------
 def test_builtins_load_and_are_listed(registry: Registry) -> None:
-    assert regnde.backends() == ["torchdiffeq"]
+    assert regnde.backends() == BUILTIN_BACKENDS
     assert regnde.methods("torchdiffeq") == BUILTIN_METHODS
     assert registry.names("sampler") == ["biased", "unbiased"]
     assert {"global-error", "global-stiffness"} <= set(registry.names("regularizer"))
@@ -90,7 +93,7 @@ def test_env_var_disables_autoload(monkeypatch: pytest.MonkeyPatch, value: str) 
     assert asked == []
     # built-ins still load
     assert sorted(n for n in reg.tableaus()) == ["bosh3", "dopri5", "fehlberg2", "heun", "tsit5"]
-    assert reg.names("backend") == ["torchdiffeq"]
+    assert reg.names("backend") == BUILTIN_BACKENDS
     regnde.plugins.set_registry(reg)
     sol = regnde.solve(MLP(), y0_for(), times(1))
     assert sol.trace.n_steps > 0
@@ -127,7 +130,7 @@ def test_plugin_failing_on_import_is_reported_by_name(monkeypatch: pytest.Monkey
     reg = Registry()
     regnde.plugins.set_registry(reg)
     # nothing else breaks: built-ins and the good plugin work
-    assert regnde.backends() == ["torchdiffeq"]
+    assert regnde.backends() == BUILTIN_BACKENDS
     sol = regnde.solve(MLP(), y0_for(), times(1), method="heun_euler")
     assert sol.trace.n_steps > 0
     assert "brokenplug" in reg.failures and "goodplug" not in reg.failures
@@ -272,7 +275,7 @@ def test_hook_regnde_register_backends(registry: Registry) -> None:
 
     registry.add(plugin_module("fb", regnde_register_backends=regnde_register_backends),
                  name="fakeplugin")
-    assert regnde.backends() == ["fakenp", "torchdiffeq"]
+    assert regnde.backends() == sorted(["fakenp", *BUILTIN_BACKENDS])
     assert regnde.methods("fakenp") == ["kvaerno5"]  # runs_tableaus=False: no RK tableaus
     y0, t = np.zeros(2), np.array([0.0, 1.0])
     request = regnde.solve(lambda t, y: -y, y0, t, backend="fakenp", rtol=1e-3, dt=0.1).ys
