@@ -105,10 +105,13 @@ class Tableau:
         if self.stiffness_pair is not None:
             p, q = self.stiffness_pair
             if not (0 <= p < s and 0 <= q < s and p != q):
-                self._fail(f"stiffness_pair {self.stiffness_pair} must name two distinct stages < {s}")
+                self._fail(
+                    f"stiffness_pair {self.stiffness_pair} must name two distinct stages < {s}"
+                )
             if abs(self.c[p] - self.c[q]) > _TOL:
                 self._fail(
-                    f"stiffness_pair {self.stiffness_pair} needs equal c, got {self.c[p]} and {self.c[q]}"
+                    f"stiffness_pair {self.stiffness_pair} needs equal c, "
+                    f"got {self.c[p]} and {self.c[q]}"
                 )
 
     @property

@@ -32,6 +32,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "regnde.samplers",
     "regnde.regularizers",
     "regnde.adapters.torchdiffeq",
+    "regnde.adapters.diffrax",
 )
 
 KINDS = {
