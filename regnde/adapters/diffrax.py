@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import diffrax as dfx
@@ -39,6 +40,7 @@ import optimistix as optx
 from regnde.backend import Backend, SolveRequest, StepRequest
 from regnde.errors import (
     MaxStepsExceeded,
+    NonFiniteError,
     SolverError,
     max_steps_exceeded,
     max_steps_exceeded_compiled,
@@ -219,8 +221,8 @@ class JaxKey:
         traced: whether the solve runs under a JAX transformation (then ``None`` is an error).
     """
 
-    def __init__(self, key: Any = None, traced: bool = False):
-        self.key, self.traced = key, traced
+    def __init__(self, key: Any = None, traced: bool = False, path: tuple[int, ...] = ()):
+        self.key, self.traced, self.path = key, traced, path
 
     def _key(self) -> Any:
         if self.key is None:
@@ -230,14 +232,19 @@ class JaxKey:
                     "randomness and JAX has no global generator. Pass key=<int seed> or a "
                     "jax.random.key(...) to regnde.solve."
                 )
-            self.key = jax.random.key(int(np.random.SeedSequence().generate_state(1)[0]))
+            key = jax.random.key(int(np.random.SeedSequence().generate_state(1)[0]))
+            for i in self.path:
+                key = jax.random.fold_in(key, i)
+            self.key = key
         return self.key
 
     def uniform(self, like: Any) -> jax.Array:
         return jax.random.uniform(self._key(), (), dtype=jnp.result_type(like))
 
     def fold(self, index: int) -> JaxKey:
-        return JaxKey(jax.random.fold_in(self._key(), index), self.traced)
+        if self.key is None:  # stay lazy: an error only if a sampler draws from it
+            return JaxKey(None, self.traced, (*self.path, index))
+        return JaxKey(jax.random.fold_in(self.key, index), self.traced)
 
     def __repr__(self) -> str:
         return f"JaxKey({self.key!r})"
@@ -489,6 +496,15 @@ def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
 
 
 def _traced(*xs: Any) -> bool:
+    """Whether a JAX transformation (jit, grad, vmap, ...) is running or any of ``xs`` is
+    traced; a vector field may close over traced parameters, so the trace state decides."""
+    try:
+        from jax._src.core import trace_state_clean
+
+        if not trace_state_clean():
+            return True
+    except ImportError:  # pragma: no cover - older/newer JAX without it
+        pass
     return any(not is_concrete(x) for x in jtu.tree_leaves(xs) if isinstance(x, jax.Array))
 
 
@@ -514,7 +530,6 @@ class DiffraxBackend(Backend):
     def solve(self, request: SolveRequest) -> Solution:
         r = request
         _check_y(r.y0, "y0")
-        y0 = r.y0
         t = jnp.asarray(r.t)
         ctrl_opts, other = _split_options(r.options)
         capacity = other.get("trace_capacity", r.max_steps)
@@ -524,98 +539,30 @@ class DiffraxBackend(Backend):
                 f"trace_capacity must be an int in [1, max_steps={r.max_steps}], got "
                 f"{capacity!r}."
             )
-        traced = _traced(y0, t)
+        traced = _traced(r.y0, t, r.key, r.f)
         key = make_key(r.key, traced)
-        t0, t1 = t[0], t[-1]
-        _check_f(r.f, t0, y0)
-        tab = solver_tableau(r.method, r.tableau)
-        solver = make_solver(r.method, r.tableau)
-        controller = dfx.PIDController(rtol=r.rtol, atol=r.atol, **ctrl_opts)
-        adjoint = r.sensitivity == "adjoint"
-        reg = r.regularizer
+        _check_f(r.f, t[0], r.y0)
+        static = _Static(method=r.method, tableau=r.tableau, rtol=r.rtol, atol=r.atol,
+                         sensitivity=r.sensitivity, regularizer=r.regularizer,
+                         max_steps=r.max_steps, trace=r.trace, capacity=capacity,
+                         controller=tuple(sorted(ctrl_opts.items())), dt0=other.get("dt0"),
+                         traced=traced)
+        if not traced and r.regularizer is not None:
+            key._key()  # eager key=None: draw now, not once when compiling
+        # One compiled call (inlined under an outer jit) instead of many small operations.
+        out = _solve_jit(r.f, r.y0, t, key.key, static)
+        if not traced:
+            _check_result_eager(out, static)
+        trace = Trace(**out["trace"])
+        stats = Stats(**out["stats"])
+        value = out["reg"]
+        if value is not None and not traced and not bool(jnp.isfinite(value)):
+            from regnde.regularizers import _where_non_finite
 
-        f = r.f
-        if adjoint:
-            # BacksolveAdjoint differentiates w.r.t. the term's array leaves only: make values
-            # that f closes over (parameters traced by jax.grad) explicit leaves.
-            f = eqx.filter_closure_convert(r.f, t0, y0)
-        direction = jnp.where(t1 >= t0, 1, -1).astype(t.dtype)
-
-        presampled: dict[int, Any] = {}
-        probe_ids: list[int] = []
-        probe_ts = None
-        if reg is not None:
-            presampled = reg.presample(t0, t1, key)
-            if presampled:
-                taus = list(presampled.values())
-                probe_ids = [id(v) for v in taus]
-                probe_ts = direction * jax.lax.stop_gradient(jnp.stack(taus).astype(t.dtype))
-        keep_states = r.trace == "full" or (reg is not None and reg.needs_states())
-        rec_solver = RecordingSolver(solver, tab, capacity, r.rtol, r.atol, controller.norm,
-                                     probe_ts)
-        term = dfx.ODETerm(_VectorField(f))
-        dt0 = other.get("dt0")
-        common = dict(stepsize_controller=controller, max_steps=r.max_steps, throw=False)
-
-        def run(term: Any, y0: Any, states: bool, adj: Any) -> Any:
-            if states:
-                saveat = dfx.SaveAt(subs=[dfx.SubSaveAt(ts=t), dfx.SubSaveAt(steps=True)],
-                                    solver_state=True)
-            else:
-                saveat = dfx.SaveAt(ts=t, solver_state=True)
-            return dfx.diffeqsolve(term, rec_solver, t0, t1, dt0, y0, saveat=saveat,
-                                   adjoint=adj, **common)
-
-        if adjoint:
-            sol = run(term, y0, False, dfx.BacksolveAdjoint(solver=solver, throw=True))
-            ys = sol.ys
-            record = jax.lax.stop_gradient(sol.solver_state[1])
-            steps_ys = None
-            if keep_states:  # forward-only replay (same steps) for the states at step starts
-                side = run(_stop(term), jax.lax.stop_gradient(y0), True,
-                           dfx.RecursiveCheckpointAdjoint())
-                steps_ys = jax.lax.stop_gradient(side.ys[1])
-        else:
-            sol = run(term, y0, keep_states, dfx.RecursiveCheckpointAdjoint())
-            ys, steps_ys = (sol.ys[0], sol.ys[1]) if keep_states else (sol.ys, None)
-            record = sol.solver_state[1]
-
-        n_acc = sol.stats["num_accepted_steps"]
-        n_all = sol.stats["num_steps"]
-        ys = _check_result(ys, sol.result, record, r.max_steps, capacity, direction, t1)
-
-        mask = jnp.arange(capacity) < jnp.minimum(record["n"], capacity)
-        y_trace = None
-        if steps_ys is not None:
-            starts = jnp.concatenate([y0[None], steps_ys[: capacity - 1]], axis=0)
-            bmask = mask.reshape((-1,) + (1,) * y0.ndim)
-            y_trace = jnp.where(bmask, starts, jnp.zeros_like(starts))
-        trace = Trace(
-            t=direction * record["t"], dt=direction * jax.lax.stop_gradient(record["dt"]),
-            mask=mask, n_steps=record["n"], error=record["error"],
-            stiffness=record.get("stiffness"),
-            y=y_trace if r.trace == "full" else (None if y_trace is None
-                                                 else jax.lax.stop_gradient(y_trace)),
-        )
-        first, later = evals_per_step(solver, tab)
-        nfe = (2 if dt0 is None else 0) + first + (n_all - 1) * later
-        stats = Stats(nfe=nfe, nfe_reg=0, n_steps=n_acc, n_rejected=sol.stats[
-            "num_rejected_steps"])
-        value = None
-        if reg is not None:
-            captured = {}
-            if probe_ids:
-                probes = record["probes"]
-                captured = {pid: probes[i] for i, pid in enumerate(probe_ids)}
-            jrun = JaxRun(trace=trace, t0=t0, t1=t1, sensitivity=r.sensitivity, tableau=tab,
-                          f=r.f, solver=solver, controller=controller, captured=captured)
-            value = evaluate(reg, jrun, key, presampled)
-            value = eqx.error_if(value, ~jnp.isfinite(value),
-                                 non_finite_regularizer(repr(reg), "under jit: step unknown"))
-            stats.nfe_reg = jrun.nfe
-        if r.trace == "summary" and trace.y is not None:
-            trace = trace.summary()
-        return Solution(ys=ys, reg=value, stats=stats, trace=trace)
+            holder = type("_Run", (), {"trace": trace})()
+            raise NonFiniteError(non_finite_regularizer(repr(r.regularizer),
+                                                        _where_non_finite(holder)))
+        return Solution(ys=out["ys"], reg=value, stats=stats, trace=trace)
 
     def step(self, request: StepRequest) -> StepResult:
         r = request
@@ -636,26 +583,146 @@ class DiffraxBackend(Backend):
                        controller.norm)
 
 
-def _check_result(ys: Any, result: Any, record: dict[str, Any], max_steps: int, capacity: int,
-                  direction: Any, t1: Any) -> Any:
-    """Raise (eagerly) or attach an equinox runtime error (under jit) for failed solves."""
+@dataclass(frozen=True)
+class _Static:
+    """The non-array part of a solve (hashable: the compiled core is cached on it)."""
+
+    method: str
+    tableau: Tableau | None
+    rtol: float
+    atol: float
+    sensitivity: str
+    regularizer: Any
+    max_steps: int
+    trace: str
+    capacity: int
+    controller: tuple[tuple[str, Any], ...]
+    dt0: Any
+    traced: bool
+
+
+def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[str, Any]:
+    """The solve as a pure function of arrays: ``ys``, the trace's fields, stats, the
+    regularizer's value; with ``st.traced`` failures become equinox runtime errors."""
+    key = JaxKey(key, st.traced)
+    t0, t1 = t[0], t[-1]
+    tab = solver_tableau(st.method, st.tableau)
+    solver = make_solver(st.method, st.tableau)
+    controller = dfx.PIDController(rtol=st.rtol, atol=st.atol, **dict(st.controller))
+    adjoint = st.sensitivity == "adjoint"
+    reg = st.regularizer
+    capacity = st.capacity
+    f_solve = f
+    if adjoint:
+        # BacksolveAdjoint differentiates w.r.t. the term's array leaves only: make values
+        # that f closes over (parameters traced by jax.grad) explicit leaves.
+        f_solve = eqx.filter_closure_convert(f, t0, y0)
+    direction = jnp.where(t1 >= t0, 1, -1).astype(t.dtype)
+
+    presampled: dict[int, Any] = {}
+    probe_ids: list[int] = []
+    probe_ts = None
+    if reg is not None:
+        presampled = reg.presample(t0, t1, key)
+        if presampled:
+            taus = list(presampled.values())
+            probe_ids = [id(v) for v in taus]
+            probe_ts = direction * jax.lax.stop_gradient(jnp.stack(taus).astype(t.dtype))
+    keep_states = st.trace == "full" or (reg is not None and reg.needs_states())
+    rec_solver = RecordingSolver(solver, tab, capacity, st.rtol, st.atol, controller.norm,
+                                 probe_ts)
+    term = dfx.ODETerm(_VectorField(f_solve))
+    common = dict(stepsize_controller=controller, max_steps=st.max_steps, throw=False)
+
+    def run(term: Any, y0: Any, states: bool, adj: Any) -> Any:
+        if states:
+            saveat = dfx.SaveAt(subs=[dfx.SubSaveAt(ts=t), dfx.SubSaveAt(steps=True)],
+                                solver_state=True)
+        else:
+            saveat = dfx.SaveAt(ts=t, solver_state=True)
+        return dfx.diffeqsolve(term, rec_solver, t0, t1, st.dt0, y0, saveat=saveat,
+                               adjoint=adj, **common)
+
+    if adjoint:
+        sol = run(term, y0, False, dfx.BacksolveAdjoint(solver=solver, throw=True))
+        ys = sol.ys
+        record = jax.lax.stop_gradient(sol.solver_state[1])
+        steps_ys = None
+        if keep_states:  # forward-only replay (same steps) for the states at step starts
+            side = run(_stop(term), jax.lax.stop_gradient(y0), True,
+                       dfx.RecursiveCheckpointAdjoint())
+            steps_ys = jax.lax.stop_gradient(side.ys[1])
+    else:
+        sol = run(term, y0, keep_states, dfx.RecursiveCheckpointAdjoint())
+        ys, steps_ys = (sol.ys[0], sol.ys[1]) if keep_states else (sol.ys, None)
+        record = sol.solver_state[1]
+
+    if st.traced:
+        ys = _attach_errors(ys, sol.result, record, st.max_steps, capacity)
+
+    mask = jnp.arange(capacity) < jnp.minimum(record["n"], capacity)
+    y_trace = None
+    if steps_ys is not None:
+        starts = jnp.concatenate([y0[None], steps_ys[: capacity - 1]], axis=0)
+        bmask = mask.reshape((-1,) + (1,) * y0.ndim)
+        y_trace = jnp.where(bmask, starts, jnp.zeros_like(starts))
+        if st.trace != "full":
+            y_trace = jax.lax.stop_gradient(y_trace)
+    trace = dict(
+        t=direction * record["t"], dt=direction * jax.lax.stop_gradient(record["dt"]),
+        mask=mask, n_steps=record["n"], error=record["error"],
+        stiffness=record.get("stiffness"), y=y_trace,
+    )
+    first, later = evals_per_step(solver, tab)
+    nfe = (2 if st.dt0 is None else 0) + first + (sol.stats["num_steps"] - 1) * later
+    stats = dict(nfe=nfe, nfe_reg=0, n_steps=sol.stats["num_accepted_steps"],
+                 n_rejected=sol.stats["num_rejected_steps"])
+    value = None
+    if reg is not None:
+        captured = {}
+        if probe_ids:
+            captured = {pid: record["probes"][i] for i, pid in enumerate(probe_ids)}
+        jrun = JaxRun(trace=Trace(**trace), t0=t0, t1=t1, sensitivity=st.sensitivity,
+                      tableau=tab, f=f, solver=solver, controller=controller,
+                      captured=captured)
+        value = evaluate(reg, jrun, key, presampled)
+        if st.traced:
+            value = eqx.error_if(value, ~jnp.isfinite(value), non_finite_regularizer(
+                repr(reg), "the step is not known under jit"))
+        stats["nfe_reg"] = jrun.nfe
+    if st.trace == "summary":
+        trace["y"] = None
+    failure = dict(result=sol.result, n=record["n"], t=record["t"], dt=record["dt"],
+                   direction=direction, t1=t1)
+    return dict(ys=ys, trace=trace, stats=stats, reg=value, failure=failure)
+
+
+_solve_jit = eqx.filter_jit(_solve)
+
+
+def _check_result_eager(out: dict[str, Any], st: _Static) -> None:
+    """Raise regnde's own errors for a failed eager solve."""
+    fail = out.pop("failure")
+    result, n = fail["result"], int(fail["n"])
+    if bool(result == dfx.RESULTS.max_steps_reached):
+        m = min(n, st.capacity)
+        reached = (float(fail["direction"] * (fail["t"][m - 1] + fail["dt"][m - 1]))
+                   if m else float("nan"))
+        raise MaxStepsExceeded(max_steps_exceeded(st.max_steps, reached, float(fail["t1"])))
+    if bool(result != dfx.RESULTS.successful):
+        raise SolverError(f"diffrax's solve failed: {result}.")
+    if n > st.capacity:
+        raise SolverError(trace_capacity_exceeded(st.capacity, n))
+
+
+def _attach_errors(ys: Any, result: Any, record: dict[str, Any], max_steps: int,
+                   capacity: int) -> Any:
+    """Equinox runtime errors (under jit) for failed solves."""
     too_many = result == dfx.RESULTS.max_steps_reached
     failed = result != dfx.RESULTS.successful
-    overflow = record["n"] > capacity
-    if is_concrete(result) and is_concrete(record["n"]):
-        if bool(too_many):
-            n = min(int(record["n"]), capacity)
-            reached = (float(direction * (record["t"][n - 1] + record["dt"][n - 1]))
-                       if n else float("nan"))
-            raise MaxStepsExceeded(max_steps_exceeded(max_steps, reached, float(t1)))
-        if bool(failed):
-            raise SolverError(f"diffrax's solve failed: {result}.")
-        if bool(overflow):
-            raise SolverError(trace_capacity_exceeded(capacity, int(record["n"])))
-        return ys
     ys = eqx.error_if(ys, too_many, max_steps_exceeded_compiled(max_steps))
     ys = eqx.error_if(ys, failed & ~too_many, "regnde: diffrax's solve failed (see its result).")
-    return eqx.error_if(ys, overflow, trace_capacity_exceeded(capacity, None))
+    return eqx.error_if(ys, record["n"] > capacity, trace_capacity_exceeded(capacity, None))
 
 
 @hookimpl
