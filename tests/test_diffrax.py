@@ -187,9 +187,10 @@ def test_step_initial_dt_is_controllers_selection():
 def replay(f, tab, tr, y0, reduction_weight):
     """Replay the recorded steps with constant t, dt in plain JAX: (R_E, R_S)."""
     n = int(tr.n_steps)
+    ts, dts = np.asarray(tr.t), np.asarray(tr.dt)  # constants of the replay
     y, re, rs = y0, 0.0, 0.0
     for j in range(n):
-        t, dt = float(tr.t[j]), float(tr.dt[j])
+        t, dt = float(ts[j]), float(dts[j])
         k = []
         for i in range(tab.stages):
             yi = y + dt * sum((a * kj for a, kj in zip(tab.a[i], k, strict=True)),

@@ -383,32 +383,54 @@ class JaxRun:
 
     def __init__(self, *, trace: Trace, t0: Any, t1: Any, sensitivity: str, tableau: Tableau,
                  f: Callable[[Any, Any], Any], solver: Any, controller: dfx.PIDController,
-                 captured: dict[int, Any]):
-        self.trace, self.t0, self.t1 = trace, t0, t1
+                 captured: dict[int, Any], y0: Any):
+        self.trace, self.t0, self.t1, self.y0 = trace, t0, t1, y0
         self.sensitivity, self.tableau = sensitivity, tableau
         self.f, self.solver, self.controller = f, solver, controller
         self.captured = captured
         self.direction = jnp.where(t1 >= t0, 1, -1).astype(jnp.result_type(t0))
         self.nfe: Any = 0
 
+    def _replay(self, term: Any, j: Any) -> jax.Array:
+        """The state at the start of accepted step ``j``: the recorded steps replayed from
+        ``y0`` with the solver's own ``step`` (forward only, a constant; ``j`` steps)."""
+        tr, solver = self.trace, self.solver
+        ts, dts = jax.lax.stop_gradient(tr.t), jax.lax.stop_gradient(tr.dt)
+        y0 = jax.lax.stop_gradient(self.y0)
+
+        def body(carry: Any) -> Any:
+            i, y, state = carry
+            t0, t1 = ts[i], ts[i] + dts[i]
+            y1, _, _, state, _ = solver.step(term, t0, t1, y, None, state, False)
+            return i + 1, y1, state
+
+        state = solver.init(term, ts[0], ts[0] + dts[0], y0, None)
+        _, y, _ = jax.lax.while_loop(lambda c: c[0] < j, body, (jnp.asarray(0, j.dtype), y0,
+                                                                state))
+        first, later = evals_per_step(solver, self.tableau)
+        self.nfe = self.nfe + jnp.where(j > 0, first + (j - 1) * later, 0)
+        return y
+
     def state_at(self, tau: Any, differentiable: bool = False) -> jax.Array:
         u = self.captured.get(id(tau))
         if u is None:
-            u = self._from_trace(tau)
+            u = self._from_trace(tau, differentiable)
         return u if differentiable else jax.lax.stop_gradient(u)
 
-    def _from_trace(self, tau: Any) -> jax.Array:
+    def _from_trace(self, tau: Any, differentiable: bool) -> jax.Array:
         tr = self.trace
-        if tr.y is None:
-            raise ValueError(
-                "the regularizer needs the state at a time the solve did not record; run the "
-                "solve with trace='full' or use a sampler that draws before the solve "
-                "(sampler='unbiased')."
-            )
         j = containing_step(self, tau)
         tj, dtj = take(tr.t, j), jax.lax.stop_gradient(take(tr.dt, j))
-        yj = jnp.take(tr.y, j, axis=0)
         term = dfx.ODETerm(_VectorField(self.f))
+        if tr.y is not None:
+            yj = jnp.take(tr.y, j, axis=0)
+        elif differentiable:
+            raise ValueError(
+                "state='differentiable' at a time drawn after the solve (this sampler) needs "
+                "the states of the solve: pass trace='full', or use state='constant'."
+            )
+        else:
+            yj = self._replay(term, j)
 
         def interpolate() -> Any:
             state = self.solver.init(term, tj, tj + dtj, yj, None)
@@ -628,7 +650,9 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
             taus = list(presampled.values())
             probe_ids = [id(v) for v in taus]
             probe_ts = direction * jax.lax.stop_gradient(jnp.stack(taus).astype(t.dtype))
-    keep_states = st.trace == "full" or (reg is not None and reg.needs_states())
+    # States at step starts cost a (capacity, *y0.shape) buffer: only for trace="full". A
+    # sampler that needs a state the solve did not announce (biased) gets it by a replay.
+    keep_states = st.trace == "full"
     rec_solver = RecordingSolver(solver, tab, capacity, st.rtol, st.atol, controller.norm,
                                  probe_ts)
     term = dfx.ODETerm(_VectorField(f_solve))
@@ -684,7 +708,7 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
             captured = {pid: record["probes"][i] for i, pid in enumerate(probe_ids)}
         jrun = JaxRun(trace=Trace(**trace), t0=t0, t1=t1, sensitivity=st.sensitivity,
                       tableau=tab, f=f, solver=solver, controller=controller,
-                      captured=captured)
+                      captured=captured, y0=y0)
         value = evaluate(reg, jrun, key, presampled)
         if st.traced:
             value = eqx.error_if(value, ~jnp.isfinite(value), non_finite_regularizer(
