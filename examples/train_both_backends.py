@@ -49,7 +49,7 @@ def train_torch() -> None:
         opt.zero_grad()
         (loss + LAM * sol.reg).backward()
         opt.step()
-    report("torchdiffeq", float(loss), int(sol.stats.nfe))
+    report("torchdiffeq", loss.item(), int(sol.stats.nfe))
 
 
 def train_jax() -> None:
@@ -68,7 +68,7 @@ def train_jax() -> None:
 
     f = Field(**{k: jnp.asarray(v) for k, v in INIT.items()})
     zeros = jax.tree.map(jnp.zeros_like, eqx.filter(f, eqx.is_array))
-    state = (zeros, zeros, 0)  # Adam's moments and step count (torch.optim.Adam's defaults)
+    state = (zeros, zeros, jnp.asarray(0))  # Adam: moments, step count (torch's defaults)
     x, y, t = jnp.asarray(X), jnp.asarray(Y), jnp.asarray([0.0, 1.0])
 
     @eqx.filter_jit
