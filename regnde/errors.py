@@ -64,3 +64,20 @@ def non_finite_regularizer(name: str, where: str) -> str:
         f"regularizer {name} is NaN or Inf ({where}); the solve or the sampled step produced "
         f"non-finite values. Check f and the tolerances."
     )
+
+
+def max_steps_exceeded_compiled(max_steps: int) -> str:
+    """The same as :func:`max_steps_exceeded`, for compiled code (no values to report)."""
+    return (
+        f"regnde: the solver used more than max_steps={max_steps} steps (accepted and "
+        f"rejected) before reaching the end time; the problem may be stiff or the tolerances "
+        f"too tight: raise max_steps, loosen rtol/atol, or regularize the model."
+    )
+
+
+def trace_capacity_exceeded(capacity: int, n: int | None) -> str:
+    got = "more" if n is None else str(n)
+    return (
+        f"regnde: the solve accepted {got} steps but trace_capacity={capacity} holds fewer; "
+        f"raise trace_capacity (at most max_steps) or leave it at its default (max_steps)."
+    )

@@ -25,7 +25,7 @@ from array_api_compat import array_namespace
 
 from regnde.errors import NonFiniteError, choices, non_finite_regularizer
 from regnde.plugins.hookspecs import hookimpl
-from regnde.samplers import Sampler, take
+from regnde.samplers import Sampler, index_dtype, take
 from regnde.tableau import Tableau
 from regnde.trace import Array, Trace
 from regnde.validate import is_concrete
@@ -258,8 +258,9 @@ def containing_step(run: Any, tau: Array) -> Array:
     xp = array_namespace(trace.t)
     direction = xp.sign(run.t1 - run.t0)
     started = trace.mask & ((tau - trace.t) * direction >= 0)
-    n = xp.sum(xp.astype(trace.mask, xp.int32))
-    return xp.clip(xp.sum(xp.astype(started, xp.int32)) - 1, 0, n - 1)
+    index = index_dtype(xp)
+    n = xp.sum(xp.astype(trace.mask, index))
+    return xp.clip(xp.sum(xp.astype(started, index)) - 1, 0, n - 1)
 
 
 class _Local(Regularizer, ABC):

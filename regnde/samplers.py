@@ -55,10 +55,16 @@ class Biased(Sampler):
             raise ValueError("the biased sampler needs the solve's trace of step times.")
         xp = array_namespace(trace.t)
         u = key.uniform(trace.t[0])
-        n = xp.sum(xp.astype(trace.mask, xp.int32))
-        index = xp.astype(xp.floor(u * xp.astype(n, u.dtype)), xp.int32)
+        n = xp.sum(xp.astype(trace.mask, index_dtype(xp)))
+        index = xp.astype(xp.floor(u * xp.astype(n, u.dtype)), index_dtype(xp))
         index = xp.clip(index, 0, n - 1)
         return take(trace.t, index)
+
+
+def index_dtype(xp: Any) -> Any:
+    """The library's default integer dtype (int64 on torch; int32 on JAX without x64, where
+    asking for int64 only warns and gives int32)."""
+    return xp.asarray(0).dtype
 
 
 def take(x: Array, index: Array) -> Array:

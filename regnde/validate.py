@@ -60,6 +60,8 @@ def check_times(t: Any, y0: Any) -> None:
     if not is_concrete(t):
         return
     d = t[1:] - t[:-1]
+    if not is_concrete(d):  # a concrete t closed over by jax.jit still computes tracers
+        return
     if not (bool(xp.all(d > 0)) or bool(xp.all(d < 0))):
         raise ValueError(
             "t must be strictly increasing or strictly decreasing (a decreasing t solves "
@@ -73,5 +75,6 @@ def check_state(y0: Any) -> None:
     if not is_concrete(y0):
         return
     xp = array_namespace(y0)
-    if not bool(xp.all(xp.isfinite(y0))):
+    finite = xp.all(xp.isfinite(y0))
+    if is_concrete(finite) and not bool(finite):
         raise ValueError(non_finite_y0())

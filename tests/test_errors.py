@@ -52,8 +52,16 @@ def test_unknown_backend_lists_valid_ones() -> None:
 
 
 def test_unknown_backend_of_a_known_suite_says_how_to_install() -> None:
-    with pytest.raises(ValueError, match=r"unknown backend 'diffrax'.*pip install regnde\[jax\]"):
-        _solve(backend="diffrax")
+    from regnde.plugins import DEFAULT_PLUGINS, set_registry
+
+    without_jax = tuple(p for p in DEFAULT_PLUGINS if p != "regnde.adapters.diffrax")
+    old = set_registry(Registry(builtins=without_jax, autoload=False))
+    try:
+        with pytest.raises(ValueError,
+                           match=r"unknown backend 'diffrax'.*pip install regnde\[jax\]"):
+            _solve(backend="diffrax")
+    finally:
+        set_registry(old)
 
 
 def test_unknown_method_lists_valid_ones() -> None:

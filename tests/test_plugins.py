@@ -15,9 +15,6 @@ from regnde.plugins import ENTRY_POINT_GROUP, ENV_DISABLE, HOOKS, Registry, hook
 from regnde.regularizers import LocalError, Regularizer
 from regnde.samplers import Sampler
 
-#: The backends regnde registers itself (built-in plugins).
-BUILTIN_BACKENDS = ["torchdiffeq", "torchsde"]
-
 from .helpers import (
     F64,
     MLP,
@@ -28,6 +25,9 @@ from .helpers import (
     times,
     y0_for,
 )
+
+#: The backends regnde registers itself (built-in plugins).
+BUILTIN_BACKENDS = ["diffrax", "torchdiffeq", "torchsde"]
 
 BUILTIN_METHODS = ["bosh3", "dopri5", "dopri8", "fehlberg2", "heun", "tsit5"]
 

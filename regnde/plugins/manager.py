@@ -33,6 +33,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "regnde.regularizers",
     "regnde.adapters.torchdiffeq",
     "regnde.adapters.torchsde",
+    "regnde.adapters.diffrax",
 )
 
 KINDS = {

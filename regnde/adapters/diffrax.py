@@ -1,0 +1,755 @@
+"""The diffrax backend, a regnde plugin.
+
+How it records: ``diffrax.diffeqsolve`` runs a :class:`RecordingSolver` that wraps diffrax's own
+solver (``Dopri5``, ``Tsit5``, ...) transparently — same ``step``, same ``y_error``, same dense
+output — and writes each step's start time, length, scaled error and stiffness estimate into
+fixed-capacity arrays in its solver state. diffrax keeps a step's new solver state only when the
+controller accepts the step (``_integrate.py``, the ``keep_step`` select), so rejected steps
+never reach the record. The final record comes back through ``SaveAt(solver_state=True)``;
+states at step starts (``trace.y``) through diffrax's own ``SaveAt(steps=True)`` buffer. No
+Python callback runs in the solver loop: everything works under ``jax.jit``, ``jax.grad``,
+``eqx.filter_jit`` / ``eqx.filter_grad`` and ``jax.vmap``.
+
+Sensitivities: ``"direct"`` is ``RecursiveCheckpointAdjoint`` (the record is differentiable);
+``"adjoint"`` is ``BacksolveAdjoint`` whose backward solve runs the unwrapped solver. Under
+``BacksolveAdjoint`` the record still comes back (as constants); only states at step starts
+need a second, forward-only solve (``trace="full"`` or a sampler that needs them, such as
+``"biased"``). See ``docs/diffrax.md`` for the combinations and their cost.
+
+Methods: diffrax's own ``Dopri5``, ``Dopri8``, ``Tsit5``, ``Bosh3``, ``Heun``, ``Midpoint``,
+``Ralston`` with their own dense output; a registered :class:`regnde.Tableau` that diffrax lacks
+runs a generic ``diffrax.AbstractERK`` built from it, with cubic Hermite dense output (a tableau
+that is not FSAL evaluates ``f(t1, y1)`` for it: one evaluation more per step).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optimistix as optx
+
+from regnde.backend import Backend, SolveRequest, StepRequest
+from regnde.errors import (
+    MaxStepsExceeded,
+    NonFiniteError,
+    SolverError,
+    max_steps_exceeded,
+    max_steps_exceeded_compiled,
+    non_finite_regularizer,
+    trace_capacity_exceeded,
+)
+from regnde.plugins.hookspecs import hookimpl
+from regnde.regularizers import containing_step, evaluate
+from regnde.samplers import take
+from regnde.tableau import Tableau
+from regnde.trace import Solution, Stats, StepResult, Trace
+from regnde.validate import is_concrete
+
+#: canonical regnde name -> diffrax's own adaptive explicit RK solver class.
+NATIVE: dict[str, type] = {
+    "dopri5": dfx.Dopri5, "dopri8": dfx.Dopri8, "tsit5": dfx.Tsit5, "bosh3": dfx.Bosh3,
+    "heun": dfx.Heun, "midpoint": dfx.Midpoint, "ralston": dfx.Ralston,
+}
+ALIASES = {"adaptive_heun": "heun"}
+#: ``PIDController`` fields accepted as options (passed through unchanged).
+CONTROLLER_OPTIONS = ("pcoeff", "icoeff", "dcoeff", "dtmin", "dtmax", "force_dtmin",
+                      "factormin", "factormax", "safety", "norm", "step_ts", "jump_ts")
+#: other options: ``dt0`` (first step, passed to ``diffeqsolve``), ``trace_capacity``.
+OTHER_OPTIONS = ("dt0", "trace_capacity")
+
+
+# -- tableaus -----------------------------------------------------------------------------------
+def _pair(c: tuple[float, ...]) -> tuple[int, int] | None:
+    """The last two stages with equal ``c`` (Dormand–Prince, Tsit5: 0-based 5 and 6)."""
+    for p in range(len(c) - 1, 0, -1):
+        for q in range(p - 1, -1, -1):
+            if c[p] == c[q]:
+                return (q, p)
+    return None
+
+
+@functools.cache
+def native_tableau(name: str) -> Tableau:
+    """A :class:`Tableau` holding the coefficients diffrax's own ``name`` solver runs."""
+    cls: Any = NATIVE[name]
+    tab = cls.tableau
+    c = (0.0, *(float(x) for x in tab.c))
+    a = ((), *(tuple(float(x) for x in row) for row in tab.a_lower))
+    return Tableau(name, order=int(cls().order(None)), c=c, a=a,
+                   b=tuple(float(x) for x in tab.b_sol),
+                   b_error=tuple(float(x) for x in tab.b_error), stiffness_pair=_pair(c))
+
+
+def to_diffrax(tab: Tableau) -> dfx.ButcherTableau:
+    """diffrax's ``ButcherTableau`` of a regnde tableau (``c`` without the first stage)."""
+    return dfx.ButcherTableau(
+        c=np.asarray(tab.c[1:], dtype=np.float64),
+        b_sol=np.asarray(tab.b, dtype=np.float64),
+        b_error=np.asarray(tab.b_error, dtype=np.float64),
+        a_lower=tuple(np.asarray(row, dtype=np.float64) for row in tab.a[1:]),
+    )
+
+
+class _TableauERK(dfx.AbstractERK):
+    """Base of the generic solvers built from registered tableaus (one subclass each)."""
+
+    regnde_tableau: ClassVar[Tableau]
+    interpolation_cls: ClassVar[Callable[..., Any]] = (
+        dfx.ThirdOrderHermitePolynomialInterpolation.from_k
+    )
+
+    def order(self, terms: Any) -> int:
+        return self.regnde_tableau.order
+
+    def step(self, terms: Any, t0: Any, t1: Any, y0: Any, args: Any, solver_state: Any,
+             made_jump: Any) -> Any:
+        y1, y_error, dense, state, result = super().step(terms, t0, t1, y0, args, solver_state,
+                                                         made_jump)
+        if not self.tableau.fsal:  # type: ignore[union-attr]
+            # Hermite needs f(t1, y1): append it (times dt, like diffrax's k) as a last row.
+            k1 = terms.vf_prod(t1, y1, args, terms.contr(t0, t1))
+            k = jtu.tree_map(lambda k, x: jnp.concatenate([k, x[None]]), dense["k"], k1)
+            dense = dict(dense, k=k)
+        return y1, y_error, dense, state, result
+
+
+_GENERIC: dict[Tableau, type] = {}
+
+
+def tableau_solver(tab: Tableau) -> type:
+    """A diffrax ``AbstractERK`` subclass running ``tab`` (cached per tableau)."""
+    if tab not in _GENERIC:
+        _GENERIC[tab] = type(f"RegndeERK_{tab.name}", (_TableauERK,), {
+            "__annotations__": {"tableau": ClassVar[dfx.ButcherTableau],
+                                "regnde_tableau": ClassVar[Tableau]},
+            "tableau": to_diffrax(tab), "regnde_tableau": tab,
+        })
+    return _GENERIC[tab]
+
+
+def make_solver(method: str, tableau: Tableau | None) -> dfx.AbstractRungeKutta:
+    """diffrax's own solver for ``method`` if it has one, else the generic tableau solver."""
+    if method in NATIVE:
+        return NATIVE[method]()
+    if tableau is None:
+        raise ValueError(f"method {method!r} has no tableau to run on diffrax.")
+    return tableau_solver(tableau)()
+
+
+def solver_tableau(method: str, tableau: Tableau | None) -> Tableau:
+    if method in NATIVE:
+        return native_tableau(method)
+    assert tableau is not None
+    return tableau
+
+
+def evals_per_step(solver: Any, tab: Tableau) -> tuple[int, int]:
+    """Vector-field evaluations of ``(the first step, every later step attempt)``."""
+    s = tab.stages
+    if solver.tableau.fsal:
+        return s, s - 1
+    extra = 1 if isinstance(solver, _TableauERK) else 0
+    return s + extra, s + extra
+
+
+# -- the error and the stiffness estimate ---------------------------------------------------------
+def scaled_error(y0: Any, y1: Any, y_error: Any, rtol: Any, atol: Any,
+                 norm: Callable[[Any], Any] = optx.rms_norm) -> jax.Array:
+    """The number diffrax's ``PIDController`` compares with 1 (pid.py ``_scale``):
+    ``norm(y_error / (atol + rtol * max(|y0|, |y1|)))``, ``norm`` RMS by default."""
+
+    def _scale(_y0: Any, _y1: Any, _err: Any) -> Any:
+        _y1 = jnp.where(jnp.isnan(_y1).any(), _y0, _y1)
+        _y = jnp.maximum(jnp.abs(_y0), jnp.abs(_y1))
+        with jax.numpy_dtype_promotion("standard"):
+            return _err / (atol + _y * rtol)
+
+    return norm(jtu.tree_map(_scale, y0, y1, y_error))
+
+
+def stiffness(k: jax.Array, dt: Any, tab: Tableau) -> jax.Array | None:
+    """Shampine's ``|f_p - f_q| / |Y_p - Y_q|`` from stages ``k`` (``(stages, *y.shape)``:
+    vector-field values ``f_i``, or ``f_i`` times any common factor such as diffrax's ``dt``,
+    which cancels) of a step of length ``dt``: ``Y_p - Y_q = dt * sum_j w_j f_j``."""
+    w = tab.stage_difference_weights()
+    if w is None or tab.stiffness_pair is None:
+        return None
+    p, q = tab.stiffness_pair
+    num = jnp.linalg.norm(jnp.ravel(k[p] - k[q]))
+    wk = jnp.tensordot(jnp.asarray(w[: k.shape[0]], dtype=k.dtype), k[: len(w)], axes=1)
+    den = jnp.linalg.norm(jnp.ravel(wk)) * jnp.abs(dt).astype(k.dtype)
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def rk_step(f: Callable[[Any, Any], Any], tab: Tableau, t: Any, y: jax.Array, dt: Any,
+            f0: Any, rtol: Any, atol: Any, norm: Callable[[Any], Any] = optx.rms_norm
+            ) -> StepResult:
+    """One step of ``tab`` from ``(t, y)`` with ``f0 = f(t, y)`` given (it may be a constant).
+
+    Differentiable w.r.t. ``y`` and whatever ``f`` closes over; ``t`` and ``dt`` are used as
+    given (pass constants). ``stages`` has shape ``(stages, *y.shape)`` (values of ``f``)."""
+    fs = [f0]
+    for i in range(1, tab.stages):
+        incr = sum((a * fj for a, fj in zip(tab.a[i], fs, strict=True) if a != 0.0),
+                   jnp.zeros_like(y))
+        fs.append(f(t + tab.c[i] * dt, y + dt * incr))
+    y1 = y + dt * sum((b * fj for b, fj in zip(tab.b, fs, strict=True) if b != 0.0),
+                      jnp.zeros_like(y))
+    err = dt * sum((b * fj for b, fj in zip(tab.b_error, fs, strict=True) if b != 0.0),
+                   jnp.zeros_like(y))
+    k = jnp.stack(fs)
+    return StepResult(t=t, dt=dt, y1=y1, error=scaled_error(y, y1, err, rtol, atol, norm),
+                      stiffness=stiffness(k, dt, tab), stages=k)
+
+
+# -- randomness ---------------------------------------------------------------------------------
+class JaxKey:
+    """A :class:`regnde.backend.Key` over JAX PRNG keys.
+
+    Args:
+        key: a typed PRNG key, or ``None`` (eager only: a fresh key from NumPy's entropy).
+        traced: whether the solve runs under a JAX transformation (then ``None`` is an error).
+    """
+
+    def __init__(self, key: Any = None, traced: bool = False, path: tuple[int, ...] = ()):
+        self.key, self.traced, self.path = key, traced, path
+
+    def _key(self) -> Any:
+        if self.key is None:
+            if self.traced:
+                raise ValueError(
+                    "key=None under jax.jit (or another JAX transformation): a sampler needs "
+                    "randomness and JAX has no global generator. Pass key=<int seed> or a "
+                    "jax.random.key(...) to regnde.solve."
+                )
+            key = jax.random.key(int(np.random.SeedSequence().generate_state(1)[0]))
+            for i in self.path:
+                key = jax.random.fold_in(key, i)
+            self.key = key
+        return self.key
+
+    def uniform(self, like: Any) -> jax.Array:
+        return jax.random.uniform(self._key(), (), dtype=jnp.result_type(like))
+
+    def fold(self, index: int) -> JaxKey:
+        if self.key is None:  # stay lazy: an error only if a sampler draws from it
+            return JaxKey(None, self.traced, (*self.path, index))
+        return JaxKey(jax.random.fold_in(self.key, index), self.traced)
+
+    def __repr__(self) -> str:
+        return f"JaxKey({self.key!r})"
+
+
+def make_key(key: Any, traced: bool = False) -> JaxKey:
+    """A :class:`JaxKey` from an int seed, a JAX PRNG key (typed, or raw ``uint32[2]``), an
+    integer JAX scalar, or ``None``."""
+    if isinstance(key, JaxKey):
+        return key
+    if key is None:
+        return JaxKey(None, traced)
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return JaxKey(jax.random.key(int(key)), traced)
+    if isinstance(key, jax.Array):
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            return JaxKey(key, traced)
+        if key.dtype == jnp.uint32 and key.shape == (2,):
+            return JaxKey(jax.random.wrap_key_data(key), traced)
+        if jnp.issubdtype(key.dtype, jnp.integer) and key.shape == ():
+            return JaxKey(jax.random.key(key), traced)
+    raise ValueError(
+        f"key must be an int seed, a JAX PRNG key (jax.random.key(...)) or None on the "
+        f"diffrax backend, got {type(key).__module__}.{type(key).__name__}: {key!r}."
+    )
+
+
+# -- recording ----------------------------------------------------------------------------------
+class RecordingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
+    """Wraps a diffrax RK solver; records each step in its solver state.
+
+    The solver state is ``(inner_state, record)``; ``record`` holds ``n`` (accepted steps so
+    far), ``t``, ``dt``, ``error`` and optionally ``stiffness`` of shape ``(capacity,)`` in
+    solver time, and ``probes``: the dense-output state at each time in ``probe_ts``
+    ``(P, *y.shape)``. Steps, errors and dense output are the wrapped solver's own.
+    """
+
+    solver: dfx.AbstractRungeKutta  # type: ignore[misc]
+    tab: Tableau = eqx.field(static=True)
+    capacity: int = eqx.field(static=True)
+    rtol: Any
+    atol: Any
+    norm: Callable[[Any], Any] = eqx.field(static=True)
+    probe_ts: jax.Array | None = None
+
+    @property
+    def term_structure(self) -> Any:  # type: ignore[override]
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self) -> Any:  # type: ignore[override]
+        return self.solver.interpolation_cls
+
+    @property
+    def term_compatible_contr_kwargs(self) -> Any:  # type: ignore[override]
+        return self.solver.term_compatible_contr_kwargs
+
+    def order(self, terms: Any) -> Any:
+        return self.solver.order(terms)
+
+    def error_order(self, terms: Any) -> Any:
+        return self.solver.error_order(terms)
+
+    def func(self, terms: Any, t0: Any, y0: Any, args: Any) -> Any:
+        return self.solver.func(terms, t0, y0, args)
+
+    def init(self, terms: Any, t0: Any, t1: Any, y0: jax.Array, args: Any) -> Any:
+        inner = self.solver.init(terms, t0, t1, y0, args)
+        cap = self.capacity
+        tdt = jnp.result_type(t0, t1)
+        edt = jnp.result_type(y0)
+        record = {
+            "n": jnp.asarray(0, dtype=jnp.int32),
+            "t": jnp.zeros(cap, tdt), "dt": jnp.zeros(cap, tdt), "error": jnp.zeros(cap, edt),
+        }
+        if self.tab.stiffness_pair is not None:
+            record["stiffness"] = jnp.zeros(cap, edt)
+        if self.probe_ts is not None:
+            record["probes"] = jnp.zeros((self.probe_ts.shape[0], *y0.shape), y0.dtype)
+        return inner, record
+
+    def step(self, terms: Any, t0: Any, t1: Any, y0: Any, args: Any, solver_state: Any,
+             made_jump: Any) -> Any:
+        inner, record = solver_state
+        y1, y_error, dense, inner, result = self.solver.step(terms, t0, t1, y0, args, inner,
+                                                             made_jump)
+        i = record["n"]
+        new = dict(record)
+        new["n"] = i + 1
+        new["t"] = record["t"].at[i].set(t0)
+        new["dt"] = record["dt"].at[i].set(t1 - t0)
+        err = scaled_error(y0, y1, y_error, self.rtol, self.atol, self.norm)
+        new["error"] = record["error"].at[i].set(err.astype(record["error"].dtype))
+        if "stiffness" in record:
+            s: Any = stiffness(dense["k"][: self.tab.stages], t1 - t0, self.tab)
+            new["stiffness"] = record["stiffness"].at[i].set(s.astype(record["error"].dtype))
+        probe_ts = self.probe_ts
+        if probe_ts is not None:
+            inside = (probe_ts >= t0) & (probe_ts <= t1)
+
+            def interpolate() -> Any:
+                interp = self.solver.interpolation_cls(t0=t0, t1=t1, **dense)
+                vals = jax.vmap(interp.evaluate)(probe_ts)
+                mask = inside.reshape((-1,) + (1,) * (vals.ndim - 1))
+                return jnp.where(mask, vals.astype(y0.dtype), record["probes"])
+
+            new["probes"] = jax.lax.cond(jnp.any(inside), interpolate,
+                                         lambda: record["probes"])
+        return y1, y_error, dense, (inner, new), result
+
+
+class _VectorField(eqx.Module):
+    """regnde's ``f(t, y)`` as diffrax's ``f(t, y, args)``."""
+
+    f: Callable[..., Any]
+
+    def __call__(self, t: Any, y: Any, args: Any) -> Any:
+        return self.f(t, y)
+
+
+class _Negated(eqx.Module):
+    """``f`` in solver time ``s = direction * t``: ``direction * f(direction * s, y)``."""
+
+    f: Callable[..., Any]
+    direction: Any
+
+    def __call__(self, s: Any, y: Any, args: Any = None) -> Any:
+        return self.direction * self.f(self.direction * s, y)
+
+
+def _stop(tree: Any) -> Any:
+    return jtu.tree_map(lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
+
+
+class JaxRun:
+    """The :class:`regnde.backend.Run` of a diffrax solve (user's time direction)."""
+
+    def __init__(self, *, trace: Trace, t0: Any, t1: Any, sensitivity: str, tableau: Tableau,
+                 f: Callable[[Any, Any], Any], solver: Any, controller: dfx.PIDController,
+                 captured: dict[int, Any], y0: Any):
+        self.trace, self.t0, self.t1, self.y0 = trace, t0, t1, y0
+        self.sensitivity, self.tableau = sensitivity, tableau
+        self.f, self.solver, self.controller = f, solver, controller
+        self.captured = captured
+        self.direction = jnp.where(t1 >= t0, 1, -1).astype(jnp.result_type(t0))
+        self.nfe: Any = 0
+
+    def _replay(self, term: Any, j: Any) -> jax.Array:
+        """The state at the start of accepted step ``j``: the recorded steps replayed from
+        ``y0`` with the solver's own ``step`` (forward only, a constant; ``j`` steps)."""
+        tr, solver = self.trace, self.solver
+        ts, dts = jax.lax.stop_gradient(tr.t), jax.lax.stop_gradient(tr.dt)
+        y0 = jax.lax.stop_gradient(self.y0)
+
+        def body(carry: Any) -> Any:
+            i, y, state = carry
+            t0, t1 = ts[i], ts[i] + dts[i]
+            y1, _, _, state, _ = solver.step(term, t0, t1, y, None, state, False)
+            return i + 1, y1, state
+
+        state = solver.init(term, ts[0], ts[0] + dts[0], y0, None)
+        _, y, _ = jax.lax.while_loop(lambda c: c[0] < j, body, (jnp.asarray(0, j.dtype), y0,
+                                                                state))
+        first, later = evals_per_step(solver, self.tableau)
+        self.nfe = self.nfe + jnp.where(j > 0, first + (j - 1) * later, 0)
+        return y
+
+    def state_at(self, tau: Any, differentiable: bool = False) -> jax.Array:
+        u = self.captured.get(id(tau))
+        if u is None:
+            u = self._from_trace(tau, differentiable)
+        return u if differentiable else jax.lax.stop_gradient(u)
+
+    def _from_trace(self, tau: Any, differentiable: bool) -> jax.Array:
+        tr = self.trace
+        j = containing_step(self, tau)
+        tj, dtj = take(tr.t, j), jax.lax.stop_gradient(take(tr.dt, j))
+        term = dfx.ODETerm(_VectorField(self.f))
+        if tr.y is not None:
+            yj = jnp.take(tr.y, j, axis=0)
+        elif differentiable:
+            raise ValueError(
+                "state='differentiable' at a time drawn after the solve (this sampler) needs "
+                "the states of the solve: pass trace='full', or use state='constant'."
+            )
+        else:
+            yj = self._replay(term, j)
+
+        def interpolate() -> Any:
+            state = self.solver.init(term, tj, tj + dtj, yj, None)
+            _, _, dense, _, _ = self.solver.step(term, tj, tj + dtj, yj, None, state, True)
+            return self.solver.interpolation_cls(t0=tj, t1=tj + dtj, **dense).evaluate(tau)
+
+        at_start = tau == tj
+        first, _ = evals_per_step(self.solver, self.tableau)
+        self.nfe = self.nfe + jnp.where(at_start, 0, first)
+        return jax.lax.cond(at_start, lambda: yj, interpolate)
+
+    def step(self, tau: Any, y: Any, dt: Any, first_stage: str = "differentiable") -> StepResult:
+        tau, dt = jax.lax.stop_gradient(tau), jax.lax.stop_gradient(dt)
+        f0 = self.f(tau, y)
+        if first_stage == "constant":
+            f0 = jax.lax.stop_gradient(f0)
+        self.nfe = self.nfe + self.tableau.stages
+        c = self.controller
+        return rk_step(self.f, self.tableau, tau, y, dt.astype(jnp.result_type(tau)), f0,
+                       c.rtol, c.atol, c.norm)
+
+    def initial_dt(self, tau: Any, y: Any) -> jax.Array:
+        d = self.direction
+        tau_s, t1_s = d * jax.lax.stop_gradient(tau), d * self.t1
+        h = initial_step(_Negated(self.f, d), self.controller, self.solver, tau_s, y)
+        self.nfe = self.nfe + 2
+        return d * jnp.minimum(h, t1_s - tau_s)
+
+
+def initial_step(f: Callable[..., Any], controller: dfx.PIDController, solver: Any, t: Any,
+                 y: Any) -> jax.Array:
+    """The ``PIDController``'s initial step selection at ``(t, y)`` (a constant).
+
+    diffrax 0.7.2's ``diffeqsolve`` hands the controller a ``WrapTerm``, for which
+    ``_select_initial_step`` returns 0.01; here the controller sees a plain ``ODETerm`` and runs
+    its actual selection (Hairer's algorithm, two evaluations of ``f``)."""
+    term = dfx.ODETerm(f if isinstance(f, _Negated) else _VectorField(f))
+    t_next, _ = controller.init(term, t, t, y, None, None, solver.func, solver.error_order(term))
+    return jax.lax.stop_gradient(t_next - t)
+
+
+# -- the backend ----------------------------------------------------------------------------------
+def _check_f(f: Any, t0: Any, y0: jax.Array) -> None:
+    if not callable(f):
+        raise ValueError(f"f must be a callable f(t, y) returning dy/dt, got {f!r}.")
+    try:
+        out = jax.eval_shape(f, t0, y0)
+    except Exception as exc:
+        raise ValueError(
+            f"calling f(t, y) with t of dtype {jnp.result_type(t0)} and y of shape "
+            f"{tuple(y0.shape)}, dtype {y0.dtype} failed: {type(exc).__name__}: {exc}. "
+            f"f must take (t, y) (regnde's signature, not diffrax's (t, y, args))."
+        ) from exc
+    if not hasattr(out, "shape") or out.shape != y0.shape or out.dtype != y0.dtype:
+        got = (f"shape {tuple(out.shape)}, dtype {out.dtype}" if hasattr(out, "shape")
+               else repr(out))
+        raise ValueError(
+            f"f(t, y) must return an array of y0's shape {tuple(y0.shape)} and dtype "
+            f"{y0.dtype}, got {got}. Mixed dtypes are not supported: cast the parameters of f "
+            f"or y0 so that they agree."
+        )
+
+
+def _check_y(y: Any, what: str) -> None:
+    if not isinstance(y, jax.Array):
+        raise ValueError(f"{what} must be a JAX array on the diffrax backend, got {type(y)}.")
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        raise ValueError(
+            f"{what} must be a real floating-point array, got dtype {y.dtype}; use "
+            f"{what}.astype(jnp.float32) (or float64 with jax_enable_x64)."
+        )
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    unknown = sorted(set(options) - set(CONTROLLER_OPTIONS) - set(OTHER_OPTIONS))
+    if unknown:
+        allowed = ", ".join((*CONTROLLER_OPTIONS, *OTHER_OPTIONS))
+        raise ValueError(
+            f"unknown diffrax option(s) {unknown}; allowed: {allowed}. (regnde's own arguments "
+            f"such as rtol, max_steps or sensitivity are keywords of solve.)"
+        )
+    ctrl = {k: v for k, v in options.items() if k in CONTROLLER_OPTIONS}
+    other = {k: v for k, v in options.items() if k in OTHER_OPTIONS}
+    return ctrl, other
+
+
+def _traced(*xs: Any) -> bool:
+    """Whether a JAX transformation (jit, grad, vmap, ...) is running or any of ``xs`` is
+    traced; a vector field may close over traced parameters, so the trace state decides."""
+    try:
+        from jax._src.core import trace_state_clean
+
+        if not trace_state_clean():
+            return True
+    except ImportError:  # pragma: no cover - older/newer JAX without it
+        pass
+    return any(not is_concrete(x) for x in jtu.tree_leaves(xs) if isinstance(x, jax.Array))
+
+
+class DiffraxBackend(Backend):
+    """``backend="diffrax"``: ``diffeqsolve`` with a ``PIDController``;
+    ``RecursiveCheckpointAdjoint`` (direct) or ``BacksolveAdjoint`` (adjoint)."""
+
+    name = "diffrax"
+    framework = "jax"
+
+    def native_methods(self) -> Mapping[str, Tableau | None]:
+        return {name: native_tableau(name) for name in NATIVE}
+
+    def aliases(self) -> Mapping[str, str]:
+        return ALIASES
+
+    def owns(self, y0: Any) -> bool:
+        return isinstance(y0, jax.Array)
+
+    def make_key(self, key: Any) -> JaxKey:
+        return make_key(key)
+
+    def solve(self, request: SolveRequest) -> Solution:
+        r = request
+        _check_y(r.y0, "y0")
+        t = jnp.asarray(r.t)
+        ctrl_opts, other = _split_options(r.options)
+        capacity = other.get("trace_capacity", r.max_steps)
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or not (
+                1 <= capacity <= r.max_steps):
+            raise ValueError(
+                f"trace_capacity must be an int in [1, max_steps={r.max_steps}], got "
+                f"{capacity!r}."
+            )
+        traced = _traced(r.y0, t, r.key, r.f)
+        key = make_key(r.key, traced)
+        _check_f(r.f, t[0], r.y0)
+        static = _Static(method=r.method, tableau=r.tableau, rtol=r.rtol, atol=r.atol,
+                         sensitivity=r.sensitivity, regularizer=r.regularizer,
+                         max_steps=r.max_steps, trace=r.trace, capacity=capacity,
+                         controller=tuple(sorted(ctrl_opts.items())), dt0=other.get("dt0"),
+                         traced=traced)
+        if not traced and r.regularizer is not None:
+            key._key()  # eager key=None: draw now, not once when compiling
+        # One compiled call (inlined under an outer jit) instead of many small operations.
+        out = _solve_jit(r.f, r.y0, t, key.key, static)
+        if not traced:
+            _check_result_eager(out, static)
+        trace = Trace(**out["trace"])
+        stats = Stats(**out["stats"])
+        value = out["reg"]
+        if value is not None and not traced and not bool(jnp.isfinite(value)):
+            from regnde.regularizers import _where_non_finite
+
+            holder = type("_Run", (), {"trace": trace})()
+            raise NonFiniteError(non_finite_regularizer(repr(r.regularizer),
+                                                        _where_non_finite(holder)))
+        return Solution(ys=out["ys"], reg=value, stats=stats, trace=trace)
+
+    def step(self, request: StepRequest) -> StepResult:
+        r = request
+        _check_y(r.y, "y")
+        y = r.y
+        t = jax.lax.stop_gradient(jnp.asarray(r.t, dtype=y.dtype))
+        _check_f(r.f, t, y)
+        ctrl_opts, other = _split_options(r.options)
+        if other:
+            raise ValueError(f"options {sorted(other)} apply to solve, not step.")
+        tab = solver_tableau(r.method, r.tableau)
+        controller = dfx.PIDController(rtol=r.rtol, atol=r.atol, **ctrl_opts)
+        if r.dt is None:
+            dt = initial_step(r.f, controller, make_solver(r.method, r.tableau), t, y)
+        else:
+            dt = jax.lax.stop_gradient(jnp.asarray(r.dt, dtype=y.dtype))
+        return rk_step(r.f, tab, t, y, dt, r.f(t, y), controller.rtol, controller.atol,
+                       controller.norm)
+
+
+@dataclass(frozen=True)
+class _Static:
+    """The non-array part of a solve (hashable: the compiled core is cached on it)."""
+
+    method: str
+    tableau: Tableau | None
+    rtol: float
+    atol: float
+    sensitivity: str
+    regularizer: Any
+    max_steps: int
+    trace: str
+    capacity: int
+    controller: tuple[tuple[str, Any], ...]
+    dt0: Any
+    traced: bool
+
+
+def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[str, Any]:
+    """The solve as a pure function of arrays: ``ys``, the trace's fields, stats, the
+    regularizer's value; with ``st.traced`` failures become equinox runtime errors."""
+    key = JaxKey(key, st.traced)
+    t0, t1 = t[0], t[-1]
+    tab = solver_tableau(st.method, st.tableau)
+    solver = make_solver(st.method, st.tableau)
+    controller = dfx.PIDController(rtol=st.rtol, atol=st.atol, **dict(st.controller))
+    adjoint = st.sensitivity == "adjoint"
+    reg = st.regularizer
+    capacity = st.capacity
+    f_solve = f
+    if adjoint:
+        # BacksolveAdjoint differentiates w.r.t. the term's array leaves only: make values
+        # that f closes over (parameters traced by jax.grad) explicit leaves.
+        f_solve = eqx.filter_closure_convert(f, t0, y0)
+    direction = jnp.where(t1 >= t0, 1, -1).astype(t.dtype)
+
+    presampled: dict[Any, Any] = {}
+    probe_ids: list[int] = []
+    probe_ts = None
+    if reg is not None:
+        presampled = reg.presample(t0, t1, key)
+        if presampled:
+            taus = list(presampled.values())
+            probe_ids = [id(v) for v in taus]
+            probe_ts = direction * jax.lax.stop_gradient(jnp.stack(taus).astype(t.dtype))
+    # States at step starts cost a (capacity, *y0.shape) buffer: only for trace="full". A
+    # sampler that needs a state the solve did not announce (biased) gets it by a replay.
+    keep_states = st.trace == "full"
+    rec_solver = RecordingSolver(solver, tab, capacity, st.rtol, st.atol, controller.norm,
+                                 probe_ts)
+    term = dfx.ODETerm(_VectorField(f_solve))
+    common = dict(stepsize_controller=controller, max_steps=st.max_steps, throw=False)
+
+    def run(term: Any, y0: Any, states: bool, adj: Any) -> Any:
+        if states:
+            saveat = dfx.SaveAt(subs=[dfx.SubSaveAt(ts=t), dfx.SubSaveAt(steps=True)],
+                                solver_state=True)
+        else:
+            saveat = dfx.SaveAt(ts=t, solver_state=True)
+        return dfx.diffeqsolve(term, rec_solver, t0, t1, st.dt0, y0, saveat=saveat,
+                               adjoint=adj, **common)
+
+    if adjoint:
+        sol = run(term, y0, False, dfx.BacksolveAdjoint(solver=solver, throw=True))
+        ys = sol.ys
+        record = jax.lax.stop_gradient(sol.solver_state[1])
+        steps_ys = None
+        if keep_states:  # forward-only replay (same steps) for the states at step starts
+            side = run(_stop(term), jax.lax.stop_gradient(y0), True,
+                       dfx.RecursiveCheckpointAdjoint())
+            steps_ys = jax.lax.stop_gradient(side.ys[1])
+    else:
+        sol = run(term, y0, keep_states, dfx.RecursiveCheckpointAdjoint())
+        ys, steps_ys = (sol.ys[0], sol.ys[1]) if keep_states else (sol.ys, None)
+        record = sol.solver_state[1]
+
+    if st.traced:
+        ys = _attach_errors(ys, sol.result, record, st.max_steps, capacity)
+
+    mask = jnp.arange(capacity) < jnp.minimum(record["n"], capacity)
+    y_trace = None
+    if steps_ys is not None:
+        starts = jnp.concatenate([y0[None], steps_ys[: capacity - 1]], axis=0)
+        bmask = mask.reshape((-1,) + (1,) * y0.ndim)
+        y_trace = jnp.where(bmask, starts, jnp.zeros_like(starts))
+        if st.trace != "full":
+            y_trace = jax.lax.stop_gradient(y_trace)
+    trace = dict(
+        t=direction * record["t"], dt=direction * jax.lax.stop_gradient(record["dt"]),
+        mask=mask, n_steps=record["n"], error=record["error"],
+        stiffness=record.get("stiffness"), y=y_trace,
+    )
+    first, later = evals_per_step(solver, tab)
+    nfe = (2 if st.dt0 is None else 0) + first + (sol.stats["num_steps"] - 1) * later
+    stats = dict(nfe=nfe, nfe_reg=0, n_steps=sol.stats["num_accepted_steps"],
+                 n_rejected=sol.stats["num_rejected_steps"])
+    value = None
+    if reg is not None:
+        captured = {}
+        if probe_ids:
+            captured = {pid: record["probes"][i] for i, pid in enumerate(probe_ids)}
+        jrun = JaxRun(trace=Trace(**trace), t0=t0, t1=t1, sensitivity=st.sensitivity,
+                      tableau=tab, f=f, solver=solver, controller=controller,
+                      captured=captured, y0=y0)
+        value = evaluate(reg, jrun, key, presampled)
+        if st.traced:
+            value = eqx.error_if(value, ~jnp.isfinite(value), non_finite_regularizer(
+                repr(reg), "the step is not known under jit"))
+        stats["nfe_reg"] = jrun.nfe
+    if st.trace == "summary":
+        trace["y"] = None
+    failure = dict(result=sol.result, n=record["n"], t=record["t"], dt=record["dt"],
+                   direction=direction, t1=t1)
+    return dict(ys=ys, trace=trace, stats=stats, reg=value, failure=failure)
+
+
+_solve_jit = eqx.filter_jit(_solve)
+
+
+def _check_result_eager(out: dict[str, Any], st: _Static) -> None:
+    """Raise regnde's own errors for a failed eager solve."""
+    fail = out.pop("failure")
+    result, n = fail["result"], int(fail["n"])
+    if bool(result == dfx.RESULTS.max_steps_reached):
+        m = min(n, st.capacity)
+        reached = (float(fail["direction"] * (fail["t"][m - 1] + fail["dt"][m - 1]))
+                   if m else float("nan"))
+        raise MaxStepsExceeded(max_steps_exceeded(st.max_steps, reached, float(fail["t1"])))
+    if bool(result != dfx.RESULTS.successful):
+        raise SolverError(f"diffrax's solve failed: {result}.")
+    if n > st.capacity:
+        raise SolverError(trace_capacity_exceeded(st.capacity, n))
+
+
+def _attach_errors(ys: Any, result: Any, record: dict[str, Any], max_steps: int,
+                   capacity: int) -> Any:
+    """Equinox runtime errors (under jit) for failed solves."""
+    too_many = result == dfx.RESULTS.max_steps_reached
+    failed = result != dfx.RESULTS.successful
+    ys = eqx.error_if(ys, too_many, max_steps_exceeded_compiled(max_steps))
+    ys = eqx.error_if(ys, failed & ~too_many, "regnde: diffrax's solve failed (see its result).")
+    return eqx.error_if(ys, record["n"] > capacity, trace_capacity_exceeded(capacity, None))
+
+
+@hookimpl
+def regnde_register_backends(register: Callable[[str, Any], None]) -> None:
+    register("diffrax", DiffraxBackend)
