@@ -133,9 +133,11 @@ class TorchKey:
     def fold(self, index: int) -> TorchKey:
         if self.seed is not None:
             return TorchKey(self.seed, path=(*self.path, index))
+        # a stateful source: draw a fresh seed, and keep ``index`` so that keys folded from
+        # identically seeded generators (one per rank, say) still differ by index
         gen = self.generator
         seed = torch.randint(0, 2**62, (), generator=gen, device=gen.device if gen else "cpu")
-        return TorchKey(int(seed))
+        return TorchKey(int(seed), path=(index,))
 
     def __repr__(self) -> str:
         return f"TorchKey(seed={self.seed}, path={self.path})"
