@@ -129,38 +129,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace) -> None:
+    """Join the group, train, leave the group (also on errors)."""
     device = None if args.device == "auto" else args.device
     with D.setup(device=device, timeout=args.timeout, batch_size=args.batch_size) as ctx:
-        x, target = make_data(args.batch_size, args.seed + 1, getattr(torch, args.dtype))
-        part = ctx.shard(args.batch_size)
-        x, target = x[part].to(ctx.device), target[part].to(ctx.device)
-        model = ctx.wrap(make_model(args).to(ctx.device))
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        train_in(ctx, args)  # returns before leaving the group, so DDP is gone by then
+
+
+def train_in(ctx: Any, args: argparse.Namespace) -> None:
+    """The training loop of one rank, inside the process group."""
+    x, target = make_data(args.batch_size, args.seed + 1, getattr(torch, args.dtype))
+    part = ctx.shard(args.batch_size)
+    x, target = x[part].to(ctx.device), target[part].to(ctx.device)
+    model = ctx.wrap(make_model(args).to(ctx.device))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if ctx.is_main:
+        print(f"{ctx.world_size} ranks ({ctx.backend}, {ctx.device}), "
+              f"{x.shape[0]} samples each, regularizer {args.regularizer}"
+              f"{' (drop-in)' if args.dropin else ''}", flush=True)
+    history = []
+    for step in range(args.steps):
+        if step == args.fail_step and ctx.rank == args.fail_rank:
+            raise RuntimeError(f"rank {ctx.rank}: injected failure at step {step}")
+        if step == args.fail_step and ctx.rank == args.stall_rank:
+            time.sleep(10 * args.timeout)  # a hung rank: the others time out
+        start = time.perf_counter()
+        key = D.rank_key(args.seed, ctx.rank).fold(step)
+        objective, loss, reg, stats = loss_of(model, x, target, key, args.lam)
+        opt.zero_grad()
+        objective.backward()  # DDP: gradients averaged over ranks here
+        opt.step()
+        log = D.reduce_stats(stats, loss=loss, reg=reg)
+        history.append({"loss": log.loss, "reg": log.reg, "nfe": log.stats.nfe,
+                        "nfe_reg": log.stats.nfe_reg, "nfe_max": log.stats_max.nfe})
         if ctx.is_main:
-            print(f"{ctx.world_size} ranks ({ctx.backend}, {ctx.device}), "
-                  f"{x.shape[0]} samples each, regularizer {args.regularizer}"
-                  f"{' (drop-in)' if args.dropin else ''}", flush=True)
-        history = []
-        for step in range(args.steps):
-            if step == args.fail_step and ctx.rank == args.fail_rank:
-                raise RuntimeError(f"rank {ctx.rank}: injected failure at step {step}")
-            if step == args.fail_step and ctx.rank == args.stall_rank:
-                time.sleep(10 * args.timeout)  # a hung rank: the others time out
-            start = time.perf_counter()
-            key = D.rank_key(args.seed, ctx.rank).fold(step)
-            objective, loss, reg, stats = loss_of(model, x, target, key, args.lam)
-            opt.zero_grad()
-            objective.backward()  # DDP: gradients averaged over ranks here
-            opt.step()
-            log = D.reduce_stats(stats, loss=loss, reg=reg)
-            history.append({"loss": log.loss, "reg": log.reg, "nfe": log.stats.nfe,
-                            "nfe_reg": log.stats.nfe_reg, "nfe_max": log.stats_max.nfe})
-            if ctx.is_main:
-                print(f"step {step:3d}  {log}  {time.perf_counter() - start:.2f}s", flush=True)
-        if ctx.is_main and args.save:
-            params = {k: v.detach().cpu() for k, v in model.module.func.state_dict().items()}
-            torch.save({"params": params, "history": history, "world_size": ctx.world_size},
-                       args.save)
+            print(f"step {step:3d}  {log}  {time.perf_counter() - start:.2f}s", flush=True)
+    if ctx.is_main and args.save:
+        params = {k: v.detach().cpu() for k, v in model.module.func.state_dict().items()}
+        torch.save({"params": params, "history": history, "world_size": ctx.world_size},
+                   args.save)
 
 
 @record

@@ -17,6 +17,7 @@ timeout covers what it cannot see (a stalled rank, a worker on another node).
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,7 +71,12 @@ class DistContext:
         return shard(batch_size, self.world_size, self.rank)
 
     def close(self) -> None:
-        """Leave the process group."""
+        """Leave the process group.
+
+        Collects garbage first: a ``DistributedDataParallel`` that is no longer referenced but
+        sits in a reference cycle would otherwise keep gloo's worker threads until interpreter
+        shutdown, where tearing them down can abort the process."""
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
