@@ -52,23 +52,25 @@ class NeuralODE(torch.nn.Module):
     """Maps ``x`` to the solution at ``t = 1``; returns ``(y(1), reg, stats)``.
 
     ``dropin=True`` calls ``torchdiffeq.odeint`` inside a ``regnde.regularize`` block (what
-    existing code does); otherwise ``regnde.solve``. ``reg`` is ``None`` without a regularizer.
+    existing code does); otherwise ``regnde.solve``. ``adjoint=True``: ``odeint_adjoint`` /
+    ``sensitivity="adjoint"``. ``reg`` is ``None`` without a regularizer.
     """
 
     def __init__(self, func: torch.nn.Module, regularizer: Any = None, dropin: bool = False,
-                 rtol: float = 1e-5, atol: float = 1e-5):
+                 adjoint: bool = False, rtol: float = 1e-5, atol: float = 1e-5):
         super().__init__()
         self.func, self.regularizer, self.dropin = func, regularizer, dropin
-        self.rtol, self.atol = rtol, atol
+        self.adjoint, self.rtol, self.atol = adjoint, rtol, atol
 
     def forward(self, x: torch.Tensor, key: Any) -> tuple[torch.Tensor, Any, regnde.Stats]:
         t = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
         if self.dropin:
+            odeint = torchdiffeq.odeint_adjoint if self.adjoint else torchdiffeq.odeint
             with regnde.regularize(self.regularizer, key=key) as reg:
-                ys = torchdiffeq.odeint(self.func, x, t, rtol=self.rtol, atol=self.atol,
-                                        method="dopri5")
+                ys = odeint(self.func, x, t, rtol=self.rtol, atol=self.atol, method="dopri5")
             return ys[-1], reg.value, reg.stats
         sol = regnde.solve(self.func, x, t, rtol=self.rtol, atol=self.atol,
+                           sensitivity="adjoint" if self.adjoint else "direct",
                            regularizer=self.regularizer, key=key)
         return sol.ys[-1], sol.reg, sol.stats
 
@@ -86,7 +88,7 @@ def make_model(args: argparse.Namespace) -> NeuralODE:
     dtype = getattr(torch, args.dtype)
     make = REGULARIZERS[args.regularizer]
     return NeuralODE(ODEFunc(args.hidden, dtype), None if make is None else make(),
-                     dropin=args.dropin, rtol=args.tol, atol=args.tol)
+                     dropin=args.dropin, adjoint=args.adjoint, rtol=args.tol, atol=args.tol)
 
 
 def loss_of(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, key: Any,
@@ -105,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lam", type=float, default=0.1, help="regularization weight")
     p.add_argument("--dropin", action="store_true",
                    help="torchdiffeq.odeint inside regnde.regularize instead of regnde.solve")
+    p.add_argument("--adjoint", action="store_true",
+                   help="continuous adjoint (odeint_adjoint) instead of backpropagating through "
+                        "the solver; local regularizers only")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--tol", type=float, default=1e-5, help="rtol and atol")

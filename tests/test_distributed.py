@@ -106,7 +106,9 @@ def reference(argv: list[str], keys: Any = None) -> tuple[dict[str, torch.Tensor
     ["--regularizer", "local-error"],
     ["--regularizer", "local-error", "--dropin"],
     ["--regularizer", "global-stiffness"],
-], ids=["none", "local-error", "local-error-dropin", "global-stiffness"])
+    ["--regularizer", "local-stiffness", "--dropin", "--adjoint"],
+], ids=["none", "local-error", "local-error-dropin", "global-stiffness",
+        "local-stiffness-dropin-adjoint"])
 def test_two_ranks_match_per_shard_reference(tmp_path: Path, extra: list[str]) -> None:
     out_file = tmp_path / "final.pt"
     rc, out, _ = torchrun([*COMMON, *extra, "--save", str(out_file)])
