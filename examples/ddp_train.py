@@ -25,6 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 import regnde
 from regnde import distributed as D
 from regnde import regularizers as R
+from regnde.adapters.torch_distributed import NotLaunchedError
 
 #: ``--regularizer`` choices.
 REGULARIZERS: dict[str, Any] = {
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         train(args)
-    except ValueError as e:  # bad configuration: one clear line, not a traceback per rank
+    except (ValueError, NotLaunchedError) as e:  # bad configuration: one line, no traceback
         sys.exit(f"ddp_train.py: error: {e}")
 
 

@@ -33,6 +33,7 @@ LIMIT = 50  # seconds for one torchrun; every test here stays under a minute
 #: a small float64 run, so that the DDP run and the reference agree to rounding
 COMMON = ["--steps", "3", "--batch-size", "16", "--hidden", "8", "--dtype", "float64",
           "--tol", "1e-6", "--lr", "0.05", "--lam", "1.0", "--timeout", "30"]
+COMMON_SEED = 0  # the example's default --seed
 
 
 @cache
@@ -140,9 +141,6 @@ def test_two_ranks_match_per_shard_reference(tmp_path: Path, extra: list[str]) -
         wrong, _ = reference(argv, keys=lambda r, step: make_key(COMMON_SEED).fold(step))
         assert any(not torch.allclose(saved["params"][k], wrong[k], rtol=1e-9, atol=1e-12)
                    for k in params)
-
-
-COMMON_SEED = 0  # the example's default --seed
 
 
 def test_batch_not_divisible_by_world_size_is_a_clear_error(tmp_path: Path) -> None:
@@ -262,6 +260,16 @@ def test_setup_outside_torchrun_says_how_to_launch(monkeypatch: pytest.MonkeyPat
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(RuntimeError, match="torchrun --nproc_per_node"):
         D.setup()
+
+
+def test_the_example_outside_torchrun_says_how_to_launch() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--steps", "1"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "Launch with `torchrun --nproc_per_node=N" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_setup_checks_the_batch_before_joining(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,6 +35,10 @@ LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 
+class NotLaunchedError(RuntimeError):
+    """:func:`setup` ran outside a launcher: ``torchrun``'s environment variables are missing."""
+
+
 @dataclass(frozen=True)
 class DistContext:
     """This process's place in the group (returned by :func:`setup`).
@@ -125,12 +129,12 @@ def setup(
             batch fails on every rank with the same clear error.
 
     Raises:
-        RuntimeError: not launched by ``torchrun`` (its environment variables are missing).
+        NotLaunchedError: not launched by ``torchrun`` (its environment variables are missing).
         ValueError: bad ``timeout``, or ``batch_size`` not divisible by the world size.
     """
     missing = [v for v in LAUNCHER_ENV if v not in os.environ]
     if missing:
-        raise RuntimeError(
+        raise NotLaunchedError(
             f"regnde.distributed.setup needs the environment torchrun sets; missing "
             f"{', '.join(missing)}. Launch with `torchrun --nproc_per_node=N script.py ...` "
             f"(see docs/distributed.md)."
