@@ -5,6 +5,7 @@ Importing regnde is cheap: backends (torch, JAX) are imported on first use.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from regnde import distributed as distributed
 from regnde import regularizers as regularizers
 from regnde import samplers as samplers
 from regnde import schedules as schedules

@@ -81,3 +81,15 @@ def trace_capacity_exceeded(capacity: int, n: int | None) -> str:
         f"regnde: the solve accepted {got} steps but trace_capacity={capacity} holds fewer; "
         f"raise trace_capacity (at most max_steps) or leave it at its default (max_steps)."
     )
+
+
+def batch_not_divisible(batch_size: int, world_size: int) -> str:
+    lo = batch_size // world_size * world_size
+    near = [n for n in (lo, lo + world_size) if n > 0]
+    return (
+        f"batch size {batch_size} is not divisible by the world size {world_size} (processes): "
+        f"every rank needs an equal shard for data-parallel gradients to be the mean over the "
+        f"batch. Use a batch size that is a multiple of {world_size} (e.g. "
+        f"{' or '.join(map(str, near))}) or launch a number of processes that divides "
+        f"{batch_size}."
+    )

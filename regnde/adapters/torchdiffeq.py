@@ -120,7 +120,11 @@ class TorchKey:
 
     def uniform(self, like: torch.Tensor) -> torch.Tensor:
         if self.seed is not None:
-            state = np.random.SeedSequence([self.seed % 2**63, *self.path]).generate_state(2)
+            # the path's length closes the entropy: SeedSequence pads with zeros, so without it
+            # fold(0) would draw what the key itself draws ([s, 0] and [s] hash alike)
+            entropy = [self.seed % 2**63, *self.path, len(self.path)] if self.path else [
+                self.seed % 2**63]
+            state = np.random.SeedSequence(entropy).generate_state(2)
             g = torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
             u = torch.rand((), generator=g, dtype=torch.float64)
         elif self.generator is not None:
@@ -133,9 +137,11 @@ class TorchKey:
     def fold(self, index: int) -> TorchKey:
         if self.seed is not None:
             return TorchKey(self.seed, path=(*self.path, index))
+        # a stateful source: draw a fresh seed, and keep ``index`` so that keys folded from
+        # identically seeded generators (one per rank, say) still differ by index
         gen = self.generator
         seed = torch.randint(0, 2**62, (), generator=gen, device=gen.device if gen else "cpu")
-        return TorchKey(int(seed))
+        return TorchKey(int(seed), path=(index,))
 
     def __repr__(self) -> str:
         return f"TorchKey(seed={self.seed}, path={self.path})"

@@ -1,0 +1,205 @@
+"""Data-parallel training: rank-aware keys, batch shards and statistics reduced across ranks.
+
+Backend-neutral: nothing here imports torch or jax. The pieces a framework must provide live in
+adapters and are imported on first use (``regnde.adapters.torch_distributed`` for
+``torch.distributed``).
+
+- :func:`rank_key`: each rank draws its own sampled times from ``key.fold(rank)``; the same
+  seed and world size give the same draws on every run.
+- :func:`shard`: the slice of a global batch a rank owns; a batch the world size does not divide
+  is an error (data-parallel gradients are the mean over equal shards).
+- :func:`reduce_stats`: loss, regularizer value and :class:`regnde.Stats` of one training step,
+  averaged (and maximised) over ranks for logging.
+
+Typical torch loop (``torchrun --nproc_per_node=2 train.py``)::
+
+    from regnde import distributed as D
+
+    ctx = D.setup()                          # gloo on CPU, nccl on GPU; timeouts set
+    model = ctx.wrap(Model().to(ctx.device)) # DistributedDataParallel
+    xs = x[D.shard(len(x), ctx.world_size, ctx.rank)]
+    for step in range(steps):
+        key = D.rank_key(seed, ctx.rank).fold(step)
+        loss, reg, stats = model(xs, key)    # regnde.solve / regnde.regularize inside
+        (loss + lam * reg).backward()        # DDP averages the gradients
+        log = D.reduce_stats(stats, loss=loss, reg=reg)
+        if ctx.rank == 0:
+            print(log)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from regnde.errors import batch_not_divisible, choices
+from regnde.trace import Stats
+
+#: Fields of :class:`regnde.Stats`, in the order they travel between ranks.
+STAT_FIELDS = ("nfe", "nfe_reg", "n_steps", "n_rejected")
+
+#: ``framework -> adapter module`` providing ``all_reduce_sum_max`` (and, for torch, ``setup``).
+ADAPTERS = {"torch": "regnde.adapters.torch_distributed"}
+
+AllReduce = Callable[[Sequence[float]], tuple[Sequence[float], Sequence[float], int]]
+
+
+# -- keys ---------------------------------------------------------------------------------------
+def rank_key(key: Any, rank: int, *, backend: str = "torchdiffeq") -> Any:
+    """The key of one rank: ``key`` folded with ``rank``.
+
+    Pass the result (or ``.fold(step)`` of it, for a fresh key per training step) as ``key=`` to
+    :func:`regnde.solve` or :func:`regnde.regularize`. With an int seed the draws are pure: the
+    same seed, rank and world size give the same sampled times on every run, and different
+    ranks draw independently.
+
+    Args:
+        key: an int seed, a key of the backend (anything with ``fold``, e.g. the result of an
+            earlier ``rank_key``), or what the backend's ``make_key`` accepts (a
+            ``torch.Generator``; a JAX PRNG key on diffrax).
+        rank: this process's rank, ``0 <= rank``.
+        backend: the backend whose keys an int seed becomes (``"torchdiffeq"`` by default;
+            ``"diffrax"`` for JAX).
+
+    Returns:
+        A key of the backend (it has ``fold`` and ``uniform``).
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be a non-negative int, got {rank!r}.")
+    if not hasattr(key, "fold"):
+        from regnde.plugins.manager import registry
+
+        key = registry().backend(backend).make_key(key)
+    return key.fold(rank)
+
+
+# -- batches ------------------------------------------------------------------------------------
+def check_batch(batch_size: int, world_size: int) -> int:
+    """The per-rank batch size ``batch_size // world_size``.
+
+    Raises:
+        ValueError: ``batch_size`` is not a positive multiple of ``world_size``; the message
+            names both and the nearest sizes that work.
+    """
+    for name, v in (("batch_size", batch_size), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}.")
+    if batch_size % world_size:
+        raise ValueError(batch_not_divisible(batch_size, world_size))
+    return batch_size // world_size
+
+
+def shard(batch_size: int, world_size: int, rank: int) -> slice:
+    """The contiguous slice of a global batch that ``rank`` owns: ``x[shard(len(x), W, r)]``.
+
+    Works for torch tensors, NumPy and JAX arrays alike; rank ``r`` owns rows
+    ``r * n, ..., (r + 1) * n - 1`` with ``n = batch_size // world_size`` (see
+    :func:`check_batch` for the error on uneven batches).
+    """
+    n = check_batch(batch_size, world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}.")
+    return slice(rank * n, (rank + 1) * n)
+
+
+# -- statistics ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reduced:
+    """One training step's numbers, reduced over all ranks (plain Python floats).
+
+    Attributes:
+        world_size: number of ranks that contributed.
+        loss, reg: mean over ranks (``None`` where not given). With equal shards and DDP's mean
+            of gradients this is the loss whose gradient the update follows.
+        stats: mean over ranks of each :class:`regnde.Stats` count (evaluations per rank).
+        stats_max: max over ranks (the slowest rank sets the pace of a synchronous step).
+    """
+
+    world_size: int
+    loss: float | None
+    reg: float | None
+    stats: Stats = field(default_factory=Stats)
+    stats_max: Stats = field(default_factory=Stats)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.6g}")
+        if self.reg is not None:
+            parts.append(f"reg {self.reg:.6g}")
+        s, m = self.stats, self.stats_max
+        parts.append(f"NFE {s.nfe:.1f} (max {m.nfe:g}) +{s.nfe_reg:.1f} reg")
+        parts.append(f"steps {s.n_steps:.1f} rejected {s.n_rejected:.1f}")
+        return f"[{self.world_size} ranks] " + ", ".join(parts)
+
+
+def _scalar(x: Any) -> float:
+    if hasattr(x, "detach"):  # a torch tensor: no graph, any device
+        x = x.detach()
+    if hasattr(x, "item"):
+        return float(x.item())
+    return float(x)
+
+
+def reduce_stats(
+    stats: Stats,
+    *,
+    loss: Any = None,
+    reg: Any = None,
+    framework: str = "torch",
+    all_reduce: AllReduce | None = None,
+    **options: Any,
+) -> Reduced:
+    """Average (and maximise) a step's loss, regularizer value and counts over all ranks.
+
+    A collective: every rank must call it, in the same order relative to other collectives, with
+    ``loss`` and ``reg`` given on all ranks or on none. Values are detached; use the result for
+    logging only.
+
+    Args:
+        stats: this rank's :class:`regnde.Stats` (``sol.stats`` or the drop-in's ``reg.stats``).
+        loss, reg: this rank's scalars (tensors, arrays or numbers) or ``None``.
+        framework: whose collectives to use: ``"torch"`` (``torch.distributed``; the default
+            process group unless ``group=`` is passed in ``options``).
+        all_reduce: instead of ``framework``, a function taking this rank's values and returning
+            ``(sums, maxima, world_size)`` over ranks (for another communication layer).
+        **options: passed to the framework's all-reduce (torch: ``group``).
+
+    Returns:
+        :class:`Reduced` with plain floats, identical on every rank.
+    """
+    given = [(name, v) for name, v in (("loss", loss), ("reg", reg)) if v is not None]
+    values = [_scalar(v) for _, v in given] + [float(getattr(stats, f)) for f in STAT_FIELDS]
+    if all_reduce is None:
+        if framework not in ADAPTERS:
+            raise ValueError(choices("framework for reduce_stats", framework, ADAPTERS,
+                                     "Or pass all_reduce=... for another communication layer."))
+        module = importlib.import_module(ADAPTERS[framework])
+        sums, maxs, world = module.all_reduce_sum_max(values, **options)
+    else:
+        sums, maxs, world = all_reduce(values)
+    means = [s / world for s in sums]
+    named = dict(zip([n for n, _ in given], means, strict=False))
+    k = len(given)
+    return Reduced(
+        world_size=int(world),
+        loss=named.get("loss"),
+        reg=named.get("reg"),
+        stats=Stats(**dict(zip(STAT_FIELDS, means[k:], strict=True))),
+        stats_max=Stats(**dict(zip(STAT_FIELDS, maxs[k:], strict=True))),
+    )
+
+
+# -- process groups -----------------------------------------------------------------------------
+def setup(framework: str = "torch", **options: Any) -> Any:
+    """Join the process group of a launcher (``torchrun``) and return the rank's context.
+
+    ``framework="torch"``: :func:`regnde.adapters.torch_distributed.setup` (gloo on CPU, nccl
+    on GPU, picked by device; a timeout so that a failed rank stops the others instead of
+    hanging). ``options`` go to it.
+    """
+    if framework not in ADAPTERS:
+        raise ValueError(choices("framework for setup", framework, ADAPTERS))
+    return importlib.import_module(ADAPTERS[framework]).setup(**options)
