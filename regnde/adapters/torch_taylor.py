@@ -69,7 +69,7 @@ class Coef:
     def __init__(self, tape: _Tape) -> None:
         self.tape = tape
 
-    def __call__(self, x: Any, j: int) -> torch.Tensor | None:
+    def __call__(self, x: Any, j: int) -> Any:
         return self.tape.coef(x, j)
 
     def active(self, x: Any) -> bool:
@@ -84,7 +84,7 @@ class _Node:
     def __init__(self, func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                  out: torch.Tensor, rule: Any, index: int | None = None):
         self.func, self.name, self.args, self.kwargs = func, name, args, kwargs
-        self.c: list[torch.Tensor | None] = [out]
+        self.c: list[Any] = [out]  # tensors, None for zero
         self.aux: dict[str, list[Any]] = {}
         self.rule, self.index = rule, index
 
@@ -510,7 +510,7 @@ class _Tape(TorchFunctionMode):
             return any(isinstance(e, torch.Tensor) and id(e) in self.nodes for e in x)
         return False
 
-    def coef(self, x: Any, j: int) -> torch.Tensor | None:
+    def coef(self, x: Any, j: int) -> Any:
         if isinstance(x, torch.Tensor):
             node = self.nodes.get(id(x))
             if node is not None:
