@@ -15,6 +15,14 @@ predictor instead of at ``y1``; regnde reproduces that as torchdiffeq runs it. R
 tableaus run a generic class that evaluates ``f(t1, y1)`` for non-FSAL tableaus and interpolates
 by cubic Hermite between steps (or by the tableau's ``mid`` weights, if given).
 
+Integral regularizers (``TaylorDerivative``, ``KineticEnergy``, ``JacobianFrobenius``): the
+solve runs torchdiffeq on the tuple state ``(y, r)`` with
+:class:`regnde.adapters.torch_augment.AugmentedField` and the ``norm`` option set to the plain
+problem's norm of ``y`` alone, so the steps, errors and ``ys`` are bit for bit those of the plain
+solve; the recorder keeps the ``y`` part of states and stages, runs local steps on the plain
+field, and evaluates the regularizer once ``r(t1)`` is known (after ``odeint_adjoint`` returns,
+under the adjoint).
+
 Step sizes are constants for autodiff (torchdiffeq lets the first one carry a gradient), so
 gradients through ``ys`` can differ from plain torchdiffeq's in the last digits.
 """
