@@ -20,6 +20,7 @@ Regularizers compose: ``2.5 * LocalError() + 0.1 * GlobalStiffness()``.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -485,7 +486,7 @@ class TaylorDerivative(Integral):
     uses = frozenset({"derivatives"})
 
     def __init__(self, order: int = 3, mode: str = "taylor"):
-        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 1:
             raise ValueError(
                 f"TaylorDerivative order must be an int >= 1 (the K of d^K y / dt^K), got "
                 f"{order!r}."
