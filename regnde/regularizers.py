@@ -493,8 +493,8 @@ class TaylorDerivative(Integral):
             )
         if mode not in ("taylor", "jvp"):
             raise ValueError(choices("TaylorDerivative mode", mode, ("taylor", "jvp")))
-        self.order = int(order)
-        self.mode = mode
+        self.order: int = int(order)
+        self.mode: str = mode
 
     def derivative_order(self) -> int:
         return self.order
