@@ -20,6 +20,7 @@ from regnde.errors import PluginError as PluginError
 from regnde.errors import SolverError as SolverError
 from regnde.errors import StepSizeUnderflow as StepSizeUnderflow
 from regnde.plugins.hookspecs import hookimpl as hookimpl
+from regnde.steer import steer as steer
 from regnde.tableau import Tableau as Tableau
 from regnde.trace import Solution as Solution
 from regnde.trace import Stats as Stats

@@ -82,6 +82,13 @@ def resolve_method(b: Backend, method: str | None) -> tuple[str, Tableau | None]
                              hint.strip()))
 
 
+def _augments(backend: str) -> bool:
+    try:
+        return bool(registry().backend(backend).augments)
+    except Exception:
+        return False
+
+
 def _has_method(backend: str, method: str) -> bool:
     try:
         b = registry().backend(backend)
@@ -105,6 +112,7 @@ def solve(
     key: Any = None,
     max_steps: int = 4096,
     trace: str = "full",
+    steer: float | None = None,
     **options: Any,
 ) -> Solution:
     """Solve ``dy/dt = f(t, y)`` with an adaptive solver, record its steps, and regularize.
@@ -123,6 +131,9 @@ def solve(
         key: randomness for samplers: int seed, ``torch.Generator``, JAX PRNG key or ``None``.
         max_steps: limit on all steps (accepted and rejected).
         trace: ``"full"`` records states per step; ``"summary"`` only t, dt, error, stiffness.
+        steer: STEER's half-width ``b``: the last output time becomes ``T ~ U(t1 - b, t1 + b)``
+            drawn from ``key`` (see :func:`regnde.steer`); ``ys[-1]`` is the state at ``T``.
+            ``0 < b < |t[-1] - t[-2]|``, else ``ValueError``.
         **options: backend options passed through unchanged.
 
     Returns:
@@ -142,6 +153,17 @@ def solve(
 
         regularizer = as_regularizer(regularizer)
         regularizer.check(sensitivity=sensitivity, tableau=tableau, backend=b.name)
+        if regularizer.needs_augmentation() and not b.augments:
+            able = [n for n in backends() if _augments(n)]
+            raise ValueError(
+                f"{regularizer!r} integrates along the solution as an extra state, which backend "
+                f"{b.name!r} does not support; backends that do: {', '.join(able) or 'none'}. "
+                f"Use an error or stiffness regularizer (LocalError, GlobalError, ...) here."
+            )
+    if steer is not None:
+        from regnde.steer import steer_times
+
+        t = steer_times(t, steer, b.make_key(key))
     request = SolveRequest(f=f, y0=y0, t=t, method=name, tableau=tableau, rtol=rtol, atol=atol,
                            sensitivity=sensitivity, regularizer=regularizer, key=key,
                            max_steps=max_steps, trace=trace, options=dict(options))

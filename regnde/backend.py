@@ -29,6 +29,48 @@ class Key(Protocol):
         """An independent key derived from this one and ``index``."""
         ...
 
+    def normal(self, like: Array) -> Array:
+        """Standard normal noise with the shape, dtype and device of ``like`` (needed by
+        integral regularizers with Hutchinson noise, e.g. ``JacobianFrobenius``)."""
+        ...
+
+    def rademacher(self, like: Array) -> Array:
+        """Noise of ``+-1`` with equal probability, shaped like ``like``."""
+        ...
+
+
+class Point(Protocol):
+    """The vector field at one point ``(t, y)`` of a solve, as an integrand sees it.
+
+    A backend that augments the state (:attr:`Backend.augments`) makes one per evaluation of the
+    augmented vector field and passes it to every :class:`regnde.regularizers.Integrand`; what
+    several integrands ask for is computed once. Everything is differentiable w.r.t. ``y`` and
+    the parameters of ``f`` (through the solver, or by the adjoint of the augmented system).
+
+    Attributes:
+        t: scalar time (the user's direction). y: the state, ``y0.shape``.
+    """
+
+    t: Array
+    y: Array
+
+    def f(self) -> Array:
+        """``f(t, y)``, ``y0.shape``: the same values the solve itself uses."""
+        ...
+
+    def derivatives(self, order: int, mode: str = "taylor") -> list[Array]:
+        """``[dy/dt, d^2y/dt^2, ..., d^order y/dt^order]``: total time derivatives of the
+        solution through ``(t, y)`` (time-dependent fields included), each ``y0.shape``.
+
+        ``mode="taylor"``: Taylor mode, cost ``O(order^2)`` (torch: a traced tape;
+        JAX: ``jax.experimental.jet``); ``"jvp"``: nested first-order forward mode, cost
+        ``O(2^order)``. Same values."""
+        ...
+
+    def vjp(self, e: Array) -> Array:
+        """``e^T df/dy`` at ``(t, y)``, ``y0.shape`` (``e`` of ``y0.shape``)."""
+        ...
+
 
 class Run(Protocol):
     """A finished solve, as a regularizer sees it (times in the user's direction).
@@ -62,6 +104,12 @@ class Run(Protocol):
 
     def initial_dt(self, tau: Array, y: Array) -> Array:
         """The backend's initial step-size selection at ``(tau, y)``, clipped to ``t1 - tau``."""
+        ...
+
+    def integral(self, reg: Any) -> Array:
+        """The value over the solve of the integral regularizer ``reg`` (scalar), carried as an
+        extra state; differentiable by the solve's sensitivity. Only on backends that
+        :attr:`Backend.augments`."""
         ...
 
 
@@ -107,6 +155,12 @@ class Backend(ABC):
         sensitivities: the sensitivities :meth:`solve` supports.
         runs_tableaus: whether registered tableaus become methods of this backend.
         sde: whether the backend solves SDEs.
+        augments: whether :meth:`solve` carries the integrands of integral regularizers
+            (:meth:`regnde.regularizers.Regularizer.integrands`) as extra states: it solves
+            ``(y, r)`` with ``dr/dt = sign(t1 - t0) * [g_1(point), ..., g_m(point)]`` from
+            ``r(t0) = 0``, with an error norm that looks at ``y`` only (so the accepted steps,
+            ``trace.error`` and ``ys`` are those of the plain solve), and answers
+            ``run.integral(reg)`` from ``r(t1)``.
     """
 
     name: ClassVar[str]
@@ -115,6 +169,7 @@ class Backend(ABC):
     runs_tableaus: ClassVar[bool] = True
     sde: ClassVar[bool] = False
     default_method: ClassVar[str | None] = "dopri5"
+    augments: ClassVar[bool] = False
 
     @abstractmethod
     def native_methods(self) -> Mapping[str, Tableau | None]:

@@ -9,6 +9,10 @@ under ``jax.jit``.
   per-step estimates; they need ``sensitivity="direct"``.
 - :class:`LocalError` and :class:`LocalStiffness` sample one time ``tau`` and take one extra step
   there; they work with every sensitivity.
+- :class:`TaylorDerivative` (TayNODE), :class:`KineticEnergy` and :class:`JacobianFrobenius`
+  (RNODE) are integrals along the solution (:class:`Integral`): the backend carries them as
+  extra states of the solve (see :meth:`Regularizer.integrands`); they work with every
+  sensitivity on backends that augment the state (``Backend.augments``: torchdiffeq).
 
 Regularizers compose: ``2.5 * LocalError() + 0.1 * GlobalStiffness()``.
 """
@@ -16,9 +20,11 @@ Regularizers compose: ``2.5 * LocalError() + 0.1 * GlobalStiffness()``.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from array_api_compat import array_namespace
@@ -66,6 +72,24 @@ class Regularizer(ABC):
     def needs_states(self) -> bool:
         """Whether :meth:`value` needs the state at trace points the solve did not announce."""
         return False
+
+    def integral_terms(self) -> list[Integral]:
+        """The :class:`Integral` terms in this regularizer (none for most)."""
+        return []
+
+    def needs_augmentation(self) -> bool:
+        """Whether the backend must carry integrands as extra states of the solve."""
+        return bool(self.integral_terms())
+
+    def integrands(self, key: Any, y0: Array) -> list[Integrand]:
+        """What the backend integrates along the solution as extra states, one scalar each.
+
+        Called once per solve, before solving, with this term's key (noise is drawn here, once
+        per solve) and the initial state. The backend evaluates every integrand's ``fn`` on one
+        shared :class:`regnde.backend.Point` per evaluation of the augmented field and makes
+        ``run.integral(integrand.owner)`` the integral of ``fn`` over ``[t0, t1]`` (with
+        ``|dt|``: non-negative for backward solves too)."""
+        return []
 
     @abstractmethod
     def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
@@ -122,6 +146,19 @@ class Sum(Regularizer):
 
     def needs_states(self) -> bool:
         return any(r.needs_states() for _, r in self._terms)
+
+    def integral_terms(self) -> list[Integral]:
+        return [it for _, r in self._terms for it in r.integral_terms()]
+
+    def integrands(self, key: Any, y0: Array) -> list[Integrand]:
+        out: list[Integrand] = []
+        seen: set[int] = set()
+        for i, (_, r) in enumerate(self._terms):
+            for it in r.integrands(self._key(key, i), y0):
+                if id(it.owner) not in seen:  # the same instance twice: one extra state
+                    seen.add(id(it.owner))
+                    out.append(it)
+        return out
 
     def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
         total = None
@@ -389,6 +426,159 @@ class LocalStiffness(_Local, _StiffnessTerm):
         return self.scale(run) * st.stiffness
 
 
+# -- integrals along the solution (TayNODE, RNODE) ---------------------------------------------
+@dataclass(frozen=True)
+class Integrand:
+    """One scalar integrated along the solution as an extra state of the solve.
+
+    Attributes:
+        owner: the regularizer whose ``run.integral(owner)`` this becomes.
+        fn: ``fn(point) -> scalar`` for a :class:`regnde.backend.Point`; differentiable.
+        uses: what ``fn`` asks of the point (``"f"``, ``"derivatives"``, ``"vjp"``), so a
+            backend can prepare it once for all integrands.
+        order: the highest derivative order ``fn`` asks for (``0``: none).
+        mode: how the derivatives are computed (``"taylor"`` or ``"jvp"``).
+    """
+
+    owner: Regularizer
+    fn: Callable[[Any], Array]
+    uses: frozenset[str] = field(default_factory=lambda: frozenset({"f"}))
+    order: int = 0
+    mode: str = "taylor"
+
+
+class Integral(Regularizer):
+    """A regularizer ``integral over [t0, t1] of g(t, y(t)) |dt|``, carried as an extra state.
+
+    Subclasses implement :meth:`integrand` (backend-neutral: it only uses the
+    :class:`regnde.backend.Point` and array-API operations) and may draw per-solve noise in
+    :meth:`prepare`. Works with every sensitivity and method on backends that augment the
+    state; the drop-in :func:`regnde.regularize` cannot (it does not own the solve's state).
+    """
+
+    uses: ClassVar[frozenset[str]] = frozenset({"f"})
+
+    def integral_terms(self) -> list[Integral]:
+        return [self]
+
+    def prepare(self, key: Any, y0: Array) -> Any:
+        """Per-solve data for :meth:`integrand` (noise), drawn from ``key``; ``None`` here."""
+        return None
+
+    @abstractmethod
+    def integrand(self, point: Any, data: Any) -> Array:
+        """``g(t, y)``: a differentiable scalar at one point of the solution."""
+
+    def derivative_order(self) -> int:
+        """The highest time-derivative order :meth:`integrand` asks of the point (0: none)."""
+        return 0
+
+    def derivative_mode(self) -> str:
+        return "taylor"
+
+    def integrands(self, key: Any, y0: Array) -> list[Integrand]:
+        data = self.prepare(key, y0)
+        return [Integrand(self, lambda point: self.integrand(point, data), uses=self.uses,
+                          order=self.derivative_order(), mode=self.derivative_mode())]
+
+    def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
+        return run.integral(self)
+
+
+def _mean_square(x: Array) -> Array:
+    xp = array_namespace(x)
+    return xp.mean(x * x)
+
+
+class TaylorDerivative(Integral):
+    """TayNODE: ``R_K = integral over [t0, t1] of mean((d^K y / dt^K)^2) dt``.
+
+    ``d^K y / dt^K`` is the total time derivative of the solution (time-dependent fields
+    included), computed at every evaluation of the augmented field by Taylor mode; the mean runs
+    over every element of the state (batch and features). For ``y' = y``, ``y(0) = 1`` on
+    ``[0, 1]``: ``R_K = (e^2 - 1) / 2`` for every ``K``.
+
+    Args:
+        order: ``K >= 1`` (an int). ``K = 1`` is twice :class:`KineticEnergy`.
+        mode: ``"taylor"`` (Taylor mode, cost ``O(K^2)``; on torch, operations without a rule
+            fall back to nested jvp with a warning, see ``regnde.adapters.torch_taylor``) or
+            ``"jvp"`` (nested first-order forward mode on the whole field, cost ``O(2^K)``; a
+            reference). Same value.
+    """
+
+    name = "taylor-derivative"
+    uses = frozenset({"derivatives"})
+
+    def __init__(self, order: int = 3, mode: str = "taylor"):
+        if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 1:
+            raise ValueError(
+                f"TaylorDerivative order must be an int >= 1 (the K of d^K y / dt^K), got "
+                f"{order!r}."
+            )
+        if mode not in ("taylor", "jvp"):
+            raise ValueError(choices("TaylorDerivative mode", mode, ("taylor", "jvp")))
+        self.order: int = int(order)
+        self.mode: str = mode
+
+    def derivative_order(self) -> int:
+        return self.order
+
+    def derivative_mode(self) -> str:
+        return self.mode
+
+    def integrand(self, point: Any, data: Any) -> Array:
+        return _mean_square(point.derivatives(self.order, mode=self.mode)[-1])
+
+    def __repr__(self) -> str:
+        mode = "" if self.mode == "taylor" else f", mode={self.mode!r}"
+        return f"TaylorDerivative(order={self.order}{mode})"
+
+
+class KineticEnergy(Integral):
+    """RNODE's kinetic energy: ``integral over [t0, t1] of 0.5 * mean(f(t, y)^2) dt``.
+
+    Uses the field value the solve computes anyway (no extra evaluation of ``f``)."""
+
+    name = "kinetic-energy"
+    uses = frozenset({"f"})
+
+    def integrand(self, point: Any, data: Any) -> Array:
+        return 0.5 * _mean_square(point.f())
+
+
+NOISES = ("gaussian", "rademacher")
+
+
+class JacobianFrobenius(Integral):
+    """RNODE's Jacobian term: ``integral over [t0, t1] of mean((e^T df/dy)^2) dt``.
+
+    Hutchinson's estimator with one noise draw ``e`` (``y0.shape``) per solve from the solve's
+    ``key``: its expectation is ``integral ||df/dy||_F^2 / D dt`` for a ``D``-element state
+    (the mean runs over every element, batch included). One vector-Jacobian product per
+    evaluation of the augmented field.
+
+    Args:
+        noise: ``"gaussian"`` or ``"rademacher"``.
+    """
+
+    name = "jacobian-frobenius"
+    uses = frozenset({"vjp"})
+
+    def __init__(self, noise: str = "gaussian"):
+        if noise not in NOISES:
+            raise ValueError(choices("JacobianFrobenius noise", noise, NOISES))
+        self.noise = noise
+
+    def prepare(self, key: Any, y0: Array) -> Array:
+        return key.normal(y0) if self.noise == "gaussian" else key.rademacher(y0)
+
+    def integrand(self, point: Any, data: Any) -> Array:
+        return _mean_square(point.vjp(data))
+
+    def __repr__(self) -> str:
+        return f"JacobianFrobenius(noise={self.noise!r})"
+
+
 def as_regularizer(reg: Any) -> Regularizer:
     """A :class:`Regularizer` from an instance or a registered name."""
     if isinstance(reg, Regularizer):
@@ -428,5 +618,6 @@ def _where_non_finite(run: Any) -> str:
 
 @hookimpl
 def regnde_register_regularizers(register: Callable[[str, type], None]) -> None:
-    for cls in (GlobalError, GlobalStiffness, LocalError, LocalStiffness):
+    for cls in (GlobalError, GlobalStiffness, LocalError, LocalStiffness, TaylorDerivative,
+                KineticEnergy, JacobianFrobenius):
         register(cls.name, cls)

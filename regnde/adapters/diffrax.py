@@ -241,6 +241,16 @@ class JaxKey:
     def uniform(self, like: Any) -> jax.Array:
         return jax.random.uniform(self._key(), (), dtype=jnp.result_type(like))
 
+    def normal(self, like: Any) -> jax.Array:
+        """Standard normal noise shaped like ``like`` (same key, same noise)."""
+        k = jax.random.fold_in(self._key(), 1)
+        return jax.random.normal(k, jnp.shape(like), dtype=jnp.result_type(like))
+
+    def rademacher(self, like: Any) -> jax.Array:
+        """``+-1`` noise shaped like ``like`` (same key, same noise)."""
+        k = jax.random.fold_in(self._key(), 2)
+        return jax.random.rademacher(k, jnp.shape(like), dtype=jnp.result_type(like))
+
     def fold(self, index: int) -> JaxKey:
         if self.key is None:  # stay lazy: an error only if a sampler draws from it
             return JaxKey(None, self.traced, (*self.path, index))

@@ -15,6 +15,14 @@ predictor instead of at ``y1``; regnde reproduces that as torchdiffeq runs it. R
 tableaus run a generic class that evaluates ``f(t1, y1)`` for non-FSAL tableaus and interpolates
 by cubic Hermite between steps (or by the tableau's ``mid`` weights, if given).
 
+Integral regularizers (``TaylorDerivative``, ``KineticEnergy``, ``JacobianFrobenius``): the
+solve runs torchdiffeq on the tuple state ``(y, r)`` with
+:class:`regnde.adapters.torch_augment.AugmentedField` and the ``norm`` option set to the plain
+problem's norm of ``y`` alone, so the steps, errors and ``ys`` are bit for bit those of the plain
+solve; the recorder keeps the ``y`` part of states and stages, runs local steps on the plain
+field, and evaluates the regularizer once ``r(t1)`` is known (after ``odeint_adjoint`` returns,
+under the adjoint).
+
 Step sizes are constants for autodiff (torchdiffeq lets the first one carry a gradient), so
 gradients through ``ys`` can differ from plain torchdiffeq's in the last digits.
 """
@@ -134,6 +142,27 @@ class TorchKey:
             u = torch.rand((), dtype=torch.float64)
         return u.to(dtype=like.dtype, device=like.device)
 
+    def _generator(self, salt: int, device: Any) -> torch.Generator | None:
+        if self.seed is not None:
+            seq = np.random.SeedSequence([self.seed % 2**63, *self.path, salt])
+            state = seq.generate_state(2)
+            return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+        return self.generator
+
+    def normal(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like ``like`` (same key, same noise)."""
+        g = self._generator(1, like.device)
+        dev = g.device if g is not None else like.device
+        e = torch.randn(like.shape, generator=g, dtype=torch.float64, device=dev)
+        return e.to(dtype=like.dtype, device=like.device)
+
+    def rademacher(self, like: torch.Tensor) -> torch.Tensor:
+        """``+-1`` noise shaped like ``like`` (same key, same noise)."""
+        g = self._generator(2, like.device)
+        dev = g.device if g is not None else like.device
+        bits = torch.randint(0, 2, like.shape, generator=g, device=dev)
+        return (2 * bits - 1).to(dtype=like.dtype, device=like.device)
+
     def fold(self, index: int) -> TorchKey:
         if self.seed is not None:
             return TorchKey(self.seed, path=(*self.path, index))
@@ -247,11 +276,37 @@ def _inside_adjoint_forward() -> bool:
     return False
 
 
+class Layout:
+    """Where ``y`` sits in torchdiffeq's flat state ``cat([y.reshape(-1), r])`` of an augmented
+    solve, and the plain problem's field and norm (for local steps and dense output of ``y``).
+
+    Args:
+        shape: ``y0.shape``. f: the user's field. norm: the plain problem's error norm.
+    """
+
+    def __init__(self, shape: torch.Size, f: Any, norm: Any):
+        self.shape, self.n = shape, int(np.prod(shape)) if len(shape) else 1
+        self.plain = _Counting(f)
+        self.norm = norm
+
+    def y(self, flat: torch.Tensor) -> torch.Tensor:
+        """``(n_total,)`` -> ``y0.shape``."""
+        return flat[: self.n].view(self.shape)
+
+    def stages(self, k: torch.Tensor) -> torch.Tensor:
+        """``(n_total, stages)`` -> ``(*y0.shape, stages)``."""
+        return k[: self.n].reshape(*self.shape, k.shape[-1])
+
+
 class Recorder:
-    """Collects one solve's accepted steps, then evaluates the regularizer on them."""
+    """Collects one solve's accepted steps, then evaluates the regularizer on them.
+
+    With a :class:`Layout` (an augmented solve) it records the ``y`` part only and, with
+    ``defer``, evaluates the regularizer in :meth:`finish` once the integrals are known."""
 
     def __init__(self, solver: Any, *, regularizer: Any, key: TorchKey, sensitivity: str,
-                 trace: str, max_steps: int, grad: bool):
+                 trace: str, max_steps: int, grad: bool, layout: Layout | None = None,
+                 defer: bool = False):
         self.solver = solver
         self.counter: _Counting = solver.func
         self.regularizer, self.key, self.sensitivity = regularizer, key, sensitivity
@@ -272,6 +327,15 @@ class Recorder:
         self.presampled: dict[Any, Any] = {}
         self.value: Any = None
         self.on_end: Callable[[Recorder], None] | None = None
+        self.layout, self.defer = layout, defer
+        self.integrals: dict[int, torch.Tensor] = {}
+        if layout is None:
+            self.func, self.norm = solver.func, solver.norm
+        else:  # the plain problem in solver time, counted as the regularizer's
+            plain: Any = layout.plain
+            if self.reversed:
+                plain = _td_misc._ReverseFunc(plain, mul=-1.0)
+            self.func, self.norm = _td_misc._PerturbFunc(plain), layout.norm
 
     # user time <-> solver time
     def to_solver(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,6 +358,9 @@ class Recorder:
 
     def accept(self, t0: torch.Tensor, dt: torch.Tensor, y0: torch.Tensor, error: torch.Tensor,
                k: torch.Tensor, interp_coeff: list[torch.Tensor], t1: torch.Tensor) -> None:
+        lay = self.layout
+        if lay is not None:
+            y0, k = lay.y(y0), lay.stages(k)
         self.ts.append(t0)
         self.dts.append(dt)
         self.errors.append(error)
@@ -304,7 +371,8 @@ class Recorder:
             self.stiff.append(stiffness)
         for pid, tau in self.probes.items():
             if pid not in self.captured and t0 <= tau <= t1:
-                self.captured[pid] = _interp_evaluate(interp_coeff, t0, t1, tau)
+                u = _interp_evaluate(interp_coeff, t0, t1, tau)
+                self.captured[pid] = u if lay is None else lay.y(u)
 
     def end(self) -> None:
         n = len(self.ts)
@@ -321,12 +389,22 @@ class Recorder:
             dt_taken=sign * taken,
         )
         self.stats = Stats(nfe=self.counter.n, nfe_reg=0, n_steps=n, n_rejected=self.rejected)
+        if not self.defer:
+            self.finish()
+
+    def finish(self, integrals: dict[int, torch.Tensor] | None = None, nfe_reg: int = 0
+               ) -> None:
+        """Evaluate the regularizer (``integrals``: an augmented solve's ``r(t1)`` by owner id;
+        ``nfe_reg``: its integrand evaluations), then drop the solver."""
+        self.integrals = integrals or {}
+        self.stats.nfe_reg = nfe_reg
         if self.regularizer is not None:
             run = TorchRun(self)
-            before = self.counter.n
+            before = self.counter.n + (self.layout.plain.n if self.layout else 0)
             with torch.set_grad_enabled(self.grad):
                 self.value = evaluate(self.regularizer, run, self.key, self.presampled)
-            self.stats.nfe_reg = self.counter.n - before
+            after = self.counter.n + (self.layout.plain.n if self.layout else 0)
+            self.stats.nfe_reg += after - before
         self.solver = None  # drop the solver (and its graph references) once done
         if self.on_end is not None:
             self.on_end(self)
@@ -356,6 +434,13 @@ class TorchRun:
             u = self._from_trace(tau)
         return u if differentiable else u.detach()
 
+    def integral(self, reg: Any) -> torch.Tensor:
+        value = self.rec.integrals.get(id(reg))
+        if value is None:
+            raise ValueError(f"{reg!r} was not integrated along this solve (no extra state for "
+                             f"it); integral regularizers need regnde.solve on torchdiffeq.")
+        return value
+
     def _from_trace(self, tau: torch.Tensor) -> torch.Tensor:
         rec, solver = self.rec, self.solver
         tau_s = rec.to_solver(tau)
@@ -365,9 +450,9 @@ class TorchRun:
         if bool(rec.ts[j] == tau_s):
             return y0
         t0, dt = rec.ts[j], rec.dts[j]
-        f0 = solver.func(t0, y0)
-        y1, _, _, k = rk_step(solver.func, rec.tab, solver.tableau, y0, f0, t0, dt, solver.rtol,
-                              solver.atol, solver.norm, solver.regnde_w)
+        f0 = rec.func(t0, y0)
+        y1, _, _, k = rk_step(rec.func, rec.tab, solver.tableau, y0, f0, t0, dt, solver.rtol,
+                              solver.atol, rec.norm, solver.regnde_w)
         coeff = solver._interp_fit(y0, y1, k, dt)
         return _interp_evaluate(coeff, t0, t0 + dt, tau_s)
 
@@ -375,11 +460,11 @@ class TorchRun:
              first_stage: str = "differentiable") -> StepResult:
         rec, solver = self.rec, self.solver
         tau_s, dt_s = rec.to_solver(tau).detach(), rec.to_solver(dt).detach()
-        f0 = solver.func(tau_s, y)
+        f0 = rec.func(tau_s, y)
         if first_stage == "constant":
             f0 = f0.detach()
-        y1, error, stiff, k = rk_step(solver.func, rec.tab, solver.tableau, y, f0, tau_s, dt_s,
-                                      solver.rtol, solver.atol, solver.norm, solver.regnde_w)
+        y1, error, stiff, k = rk_step(rec.func, rec.tab, solver.tableau, y, f0, tau_s, dt_s,
+                                      solver.rtol, solver.atol, rec.norm, solver.regnde_w)
         # stages of the user's f, not of the time-reversed one torchdiffeq steps backwards with
         stages = k.movedim(-1, 0)
         return StepResult(t=tau, dt=dt, y1=y1, error=error, stiffness=stiff,
@@ -388,8 +473,8 @@ class TorchRun:
     def initial_dt(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         rec, solver = self.rec, self.solver
         tau_s = rec.to_solver(tau).detach()
-        h = _td_misc._select_initial_step(solver.func, tau_s, y, solver.order - 1, solver.rtol,
-                                          solver.atol, solver.norm).detach()
+        h = _td_misc._select_initial_step(rec.func, tau_s, y, solver.order - 1, solver.rtol,
+                                          solver.atol, rec.norm).detach()
         h = torch.minimum(h.to(tau_s.dtype), rec.t1 - tau_s)
         return rec.to_solver(h)
 
@@ -590,17 +675,19 @@ def _pushed(ctx: Any) -> Iterator[Any]:
 class _SolveContext:
     """One :func:`regnde.solve` call: records the first solver it sees."""
 
-    def __init__(self, request: SolveRequest, grad: bool):
-        self.request, self.grad = request, grad
+    def __init__(self, request: SolveRequest, grad: bool, key: TorchKey,
+                 layout: Layout | None = None):
+        self.request, self.grad, self.key, self.layout = request, grad, key, layout
         self.recorder: Recorder | None = None
 
     def recorder_for(self, solver: Any) -> Recorder | None:
         if self.recorder is not None:
             return None
         r = self.request
-        self.recorder = Recorder(solver, regularizer=r.regularizer, key=make_key(r.key),
+        self.recorder = Recorder(solver, regularizer=r.regularizer, key=self.key,
                                  sensitivity=r.sensitivity, trace=r.trace,
-                                 max_steps=r.max_steps, grad=self.grad)
+                                 max_steps=r.max_steps, grad=self.grad, layout=self.layout,
+                                 defer=self.layout is not None)
         return self.recorder
 
 
@@ -614,6 +701,14 @@ class Block:
         from regnde.regularizers import as_regularizer
 
         self.regularizer = as_regularizer(regularizer)
+        if self.regularizer.needs_augmentation():
+            raise ValueError(
+                f"{self.regularizer!r} integrates along the solution as an extra state, and the "
+                f"drop-in regnde.regularize cannot change the state of your odeint call. Use "
+                f"sol = regnde.solve(func, y0, t, regularizer=..., method=..., "
+                f"sensitivity='direct' | 'adjoint') instead: sol.ys equals odeint's output and "
+                f"sol.reg is the regularizer."
+            )
         self.key = make_key(key)
         self.trace_mode, self.max_steps = trace, max_steps
         self.value: Any = None
@@ -654,6 +749,7 @@ class TorchdiffeqBackend(Backend):
 
     name = "torchdiffeq"
     framework = "torch"
+    augments = True
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return {name: native_tableau(name) for name in NATIVE}
@@ -682,7 +778,11 @@ class TorchdiffeqBackend(Backend):
         if not callable(r.f):
             raise ValueError(f"f must be a callable f(t, y) returning dy/dt, got {r.f!r}.")
         method = self.td_method(r.method, r.tableau)
-        ctx = _SolveContext(r, grad=torch.is_grad_enabled())
+        key = make_key(r.key)
+        func, y0, aug, layout = r.f, r.y0, None, None
+        if r.regularizer is not None and r.regularizer.needs_augmentation():
+            func, y0, aug, layout = _augment(r, key, options)
+        ctx = _SolveContext(r, grad=torch.is_grad_enabled(), key=key, layout=layout)
         with _pushed(ctx):
             if r.sensitivity == "adjoint":
                 if not isinstance(r.f, torch.nn.Module) and "adjoint_params" not in adjoint_kw:
@@ -693,13 +793,17 @@ class TorchdiffeqBackend(Backend):
                 adjoint_kw.setdefault("adjoint_method", method)
                 adjoint_kw.setdefault("adjoint_options",
                                       {k: v for k, v in options.items() if k != "norm"})
-                ys = _td_adjoint.odeint_adjoint(r.f, r.y0, r.t, rtol=r.rtol, atol=r.atol,
+                ys = _td_adjoint.odeint_adjoint(func, y0, r.t, rtol=r.rtol, atol=r.atol,
                                                 method=method, options=options, **adjoint_kw)
             else:
-                ys = _td_odeint.odeint(r.f, r.y0, r.t, rtol=r.rtol, atol=r.atol, method=method,
+                ys = _td_odeint.odeint(func, y0, r.t, rtol=r.rtol, atol=r.atol, method=method,
                                        options=options)
         rec = ctx.recorder
         assert rec is not None, "torchdiffeq did not run a regnde solver"
+        if aug is not None:
+            ys, rs = ys
+            integrals = {id(it.owner): rs[-1, i] for i, it in enumerate(aug.integrands)}
+            rec.finish(integrals, nfe_reg=aug.n_evals)
         return Solution(ys=ys, reg=rec.value, stats=rec.stats, trace=rec.trace)
 
     def regularize(self, regularizer: Any, key: Any = None, trace: str = "summary",
@@ -741,6 +845,25 @@ class TorchdiffeqBackend(Backend):
         # sign * k: stages of the user's f, not of the time-reversed one used for dt < 0
         return StepResult(t=t, dt=dt, y1=y1, error=error, stiffness=stiff,
                           stages=sign * k.movedim(-1, 0))
+
+
+def _augment(r: SolveRequest, key: TorchKey, options: dict[str, Any]
+             ) -> tuple[Any, tuple[torch.Tensor, torch.Tensor], Any, Layout]:
+    """The augmented problem ``(y, r)`` for integral regularizers; sets ``options["norm"]`` to
+    the plain problem's norm on ``y`` alone, so the steps are those of the plain solve."""
+    from regnde.adapters.torch_augment import AugmentedField
+
+    integrands = r.regularizer.integrands(key, r.y0)
+    sign = 1.0 if bool(r.t[-1] > r.t[0]) else -1.0
+    aug = AugmentedField(r.f, integrands, sign)
+    plain_norm = options.get("norm", _td_misc._rms_norm)
+
+    def norm_on_y(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return plain_norm(state[0])
+
+    options["norm"] = norm_on_y
+    r0 = torch.zeros(len(integrands), dtype=r.y0.dtype, device=r.y0.device)
+    return aug, (r.y0, r0), aug, Layout(r.y0.shape, r.f, plain_norm)
 
 
 def _check_solver_options(options: dict[str, Any], sensitivity: str,
