@@ -32,9 +32,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -48,6 +46,7 @@ from torchdiffeq._impl.rk_common import (
     _RungeKuttaState,
 )
 
+from regnde.adapters.torch_scope import RecordingScope
 from regnde.backend import Backend, SolveRequest, StepRequest
 from regnde.errors import (
     MaxStepsExceeded,
@@ -245,23 +244,6 @@ class _Counting:
 
 
 # -- recording ---------------------------------------------------------------------------------
-_local = threading.local()
-
-
-def _stack() -> list[Any]:
-    if not hasattr(_local, "stack"):
-        _local.stack = []
-    return _local.stack
-
-
-def _active_context() -> Any:
-    """The innermost regnde context of this thread, unless a backward pass is running."""
-    stack = _stack()
-    if not stack or torch._C._current_autograd_node() is not None:
-        return None
-    return stack[-1]
-
-
 _ADJOINT_FORWARD = _td_adjoint.OdeintAdjointMethod.forward.__code__
 
 
@@ -487,7 +469,7 @@ class _RecordingMixin:
     generic: bool = False
 
     def __init__(self, func: Any, y0: torch.Tensor, rtol: Any, atol: Any, **kwargs: Any):
-        ctx = _active_context()
+        ctx = SCOPE.active()
         if ctx is not None:
             func = _Counting(func)
         super().__init__(func=func, y0=y0, rtol=rtol, atol=atol, **kwargs)  # type: ignore[call-arg]
@@ -622,33 +604,24 @@ def _recording_class(td_name: str) -> type:
     return _RECORDING[td_name]
 
 
-_patch_lock = threading.Lock()
-_patch_depth = 0
-
-
-@contextmanager
-def recording_solvers() -> Iterator[None]:
-    """Install the recording subclasses of torchdiffeq's own methods while active, and every
-    registered tableau torchdiffeq lacks (these stay: they add names, change none)."""
-    global _patch_depth
+def _install() -> None:
+    """Recording subclasses of torchdiffeq's own methods, and every registered tableau
+    torchdiffeq lacks (these stay after restore: they add names, change none)."""
     from regnde.plugins.manager import registry
 
-    with _patch_lock:
-        if _patch_depth == 0:
-            for td_name in NATIVE.values():
-                SOLVERS[td_name] = _recording_class(td_name)
-            for name, tab in registry().tableaus().items():
-                if name not in NATIVE:
-                    install_tableau(tab)
-        _patch_depth += 1
-    try:
-        yield
-    finally:
-        with _patch_lock:
-            _patch_depth -= 1
-            if _patch_depth == 0:
-                for td_name in NATIVE.values():
-                    SOLVERS[td_name] = _ORIGINAL[td_name]
+    for td_name in NATIVE.values():
+        SOLVERS[td_name] = _recording_class(td_name)
+    for name, tab in registry().tableaus().items():
+        if name not in NATIVE:
+            install_tableau(tab)
+
+
+def _restore() -> None:
+    for td_name in NATIVE.values():
+        SOLVERS[td_name] = _ORIGINAL[td_name]
+
+
+SCOPE = RecordingScope(_install, _restore)
 
 
 def install_tableau(tab: Tableau) -> str:
@@ -659,17 +632,6 @@ def install_tableau(tab: Tableau) -> str:
     name = tab.name if tab.name not in _ORIGINAL else f"regnde_{tab.name}"
     SOLVERS[name] = tableau_solver(tab)
     return name
-
-
-@contextmanager
-def _pushed(ctx: Any) -> Iterator[Any]:
-    stack = _stack()
-    stack.append(ctx)
-    try:
-        with recording_solvers():
-            yield ctx
-    finally:
-        stack.remove(ctx)
 
 
 class _SolveContext:
@@ -735,7 +697,7 @@ class Block:
         self.traces.append(rec.trace)
 
     def __enter__(self) -> Block:
-        self._cm = _pushed(self)
+        self._cm = SCOPE.opened(self)
         self._cm.__enter__()
         return self
 
@@ -783,7 +745,7 @@ class TorchdiffeqBackend(Backend):
         if r.regularizer is not None and r.regularizer.needs_augmentation():
             func, y0, aug, layout = _augment(r, key, options)
         ctx = _SolveContext(r, grad=torch.is_grad_enabled(), key=key, layout=layout)
-        with _pushed(ctx):
+        with SCOPE.opened(ctx):
             if r.sensitivity == "adjoint":
                 if not isinstance(r.f, torch.nn.Module) and "adjoint_params" not in adjoint_kw:
                     raise ValueError(

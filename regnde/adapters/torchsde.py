@@ -63,8 +63,7 @@ import inspect
 import math
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -74,6 +73,7 @@ from torchsde import BrownianInterval
 from torchsde._core import adaptive_stepping, base_sde, interp
 from torchsde.settings import LEVY_AREA_APPROXIMATIONS, METHODS, NOISE_TYPES, SDE_TYPES
 
+from regnde.adapters.torch_scope import RecordingScope
 from regnde.adapters.torchdiffeq import TorchKey, make_key
 from regnde.backend import Backend, SolveRequest, StepRequest
 from regnde.errors import MaxStepsExceeded, NonFiniteError, max_steps_exceeded, non_finite_f
@@ -188,23 +188,6 @@ class CountingSDE:
 
 
 # -- recording ---------------------------------------------------------------------------------
-_local = threading.local()
-
-
-def _stack() -> list[Any]:
-    if not hasattr(_local, "stack"):
-        _local.stack = []
-    return _local.stack
-
-
-def _active_context() -> Any:
-    """The innermost regnde torchsde solve of this thread, unless a backward pass is running."""
-    stack = _stack()
-    if not stack or torch._C._current_autograd_node() is not None:
-        return None
-    return stack[-1]
-
-
 class Recorder:
     """Collects one solve's accepted steps (in torchsde's own time, which increases)."""
 
@@ -331,7 +314,7 @@ class _RecordingMixin:
 
     def __init__(self, sde: Any, **kwargs: Any):
         super().__init__(sde=sde, **kwargs)  # type: ignore[call-arg]
-        ctx = _active_context()
+        ctx = SCOPE.active()
         self._regnde_rec: Recorder | None = None if ctx is None else ctx.recorder_for(self)
 
     def integrate(self, y0: torch.Tensor, ts: torch.Tensor, extra0: Any) -> Any:
@@ -356,25 +339,16 @@ def _select(method: str, sde_type: str) -> type:
     return _recording_class(_ORIGINAL_SELECT(method, sde_type))
 
 
-_patch_lock = threading.Lock()
-_patch_depth = 0
+def _install() -> None:
+    setattr(_methods, "select", _select)  # noqa: B010
 
 
-@contextmanager
-def recording_solvers() -> Iterator[None]:
-    """Make ``torchsde._core.methods.select`` return recording subclasses while active."""
-    global _patch_depth
-    with _patch_lock:
-        if _patch_depth == 0:
-            setattr(_methods, "select", _select)  # noqa: B010
-        _patch_depth += 1
-    try:
-        yield
-    finally:
-        with _patch_lock:
-            _patch_depth -= 1
-            if _patch_depth == 0:
-                setattr(_methods, "select", _ORIGINAL_SELECT)  # noqa: B010
+def _restore() -> None:
+    setattr(_methods, "select", _ORIGINAL_SELECT)  # noqa: B010
+
+
+#: ``torchsde._core.methods.select`` returns recording subclasses while a solve is open.
+SCOPE = RecordingScope(_install, _restore)
 
 
 class _SolveContext:
@@ -394,17 +368,6 @@ class _SolveContext:
                                  full=self.full, probes=self.probes,
                                  error_grad=self.error_grad)
         return self.recorder
-
-
-@contextmanager
-def _pushed(ctx: _SolveContext) -> Iterator[_SolveContext]:
-    stack = _stack()
-    stack.append(ctx)
-    try:
-        with recording_solvers():
-            yield ctx
-    finally:
-        stack.remove(ctx)
 
 
 # -- the Run regularizers see ------------------------------------------------------------------
@@ -703,7 +666,7 @@ class TorchsdeBackend(Backend):
                             error_grad=not _only_local(reg))
         counting = CountingSDE(sde, names)
         fn = _adjoint_mod.sdeint_adjoint if r.sensitivity == "adjoint" else _sdeint_mod.sdeint
-        with _pushed(ctx):
+        with SCOPE.opened(ctx):
             out = fn(counting, y0, t, method=r.method or None, rtol=r.rtol, atol=r.atol,
                      **options)
         rec = ctx.recorder
