@@ -21,9 +21,13 @@ def backends() -> list[str]:
     return registry().names("backend")
 
 
-def methods(backend: str) -> list[str]:
-    """Adaptive methods of ``backend``: its own and, if it runs tableaus, every registered one."""
+def methods(backend: str, sde: bool = False) -> list[str]:
+    """Adaptive methods of ``backend``: its own and, if it runs tableaus, every registered one.
+
+    ``sde=True``: the methods it solves SDEs with, where they differ (diffrax)."""
     b = registry().backend(backend)
+    if sde and b.sde_methods() is not None:
+        return sorted(b.sde_methods() or {})
     names = set(b.native_methods())
     if b.runs_tableaus:
         names |= set(registry().tableaus())
@@ -60,8 +64,21 @@ def resolve_backend(backend: str | None, f: Any, y0: Any) -> Backend:
     return b
 
 
-def resolve_method(b: Backend, method: str | None) -> tuple[str, Tableau | None]:
-    """Canonical method name and its tableau (``None`` for methods without one)."""
+def resolve_method(b: Backend, method: str | None, sde: bool = False
+                   ) -> tuple[str, Tableau | None]:
+    """Canonical method name and its tableau (``None`` for methods without one).
+
+    ``sde``: the method of an SDE solve (a backend's :meth:`Backend.sde_methods`, if it has
+    them; an empty name lets the backend choose by the SDE's type)."""
+    sde_methods = b.sde_methods() if sde else None
+    if sde_methods is not None:
+        if method is None:
+            return "", None
+        if not isinstance(method, str):
+            raise ValueError(f"method must be a name (str) or None, got {method!r}.")
+        if method not in sde_methods:
+            raise ValueError(choices(f"SDE method of backend {b.name!r}", method, sde_methods))
+        return method, sde_methods[method]
     if method is None:
         if b.default_method is None:
             return "", None
@@ -144,7 +161,7 @@ def solve(
     b = resolve_backend(backend, f, y0)
     check_times(t, y0)
     check_state(y0)
-    name, tableau = resolve_method(b, method)
+    name, tableau = resolve_method(b, method, sde=is_sde(f))
     if sensitivity not in b.sensitivities:
         raise ValueError(choices(f"sensitivity of backend {b.name!r}", sensitivity,
                                  b.sensitivities))
@@ -194,6 +211,6 @@ def step(
     check_options("direct", "full", 1, rtol, atol)
     b = resolve_backend(backend, f, y)
     check_state(y)
-    name, tableau = resolve_method(b, method)
+    name, tableau = resolve_method(b, method, sde=is_sde(f))
     return b.step(StepRequest(f=f, t=t, y=y, method=name, tableau=tableau, dt=dt, rtol=rtol,
                               atol=atol, options=dict(options)))

@@ -180,6 +180,12 @@ class Backend(ABC):
         """Other accepted names, alias -> canonical name."""
         return {}
 
+    def sde_methods(self) -> Mapping[str, Tableau | None] | None:
+        """For a backend that solves ODEs and SDEs with different methods: its SDE methods
+        (name -> ``None``; ``method=None`` then lets the backend choose by ``sde_type``).
+        ``None`` (the default): :meth:`native_methods` serve SDEs too, as on torchsde."""
+        return None
+
     @abstractmethod
     def owns(self, y0: Any) -> bool:
         """Whether ``y0`` is an array of this backend's framework."""

@@ -292,8 +292,8 @@ class RecordingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
     ``(P, *y.shape)``. Steps, errors and dense output are the wrapped solver's own.
     """
 
-    solver: dfx.AbstractRungeKutta  # type: ignore[misc]
-    tab: Tableau = eqx.field(static=True)
+    solver: dfx.AbstractAdaptiveSolver  # type: ignore[misc]
+    tab: Tableau | None = eqx.field(static=True)  # None: no stiffness (SDE step doubling)
     capacity: int = eqx.field(static=True)
     rtol: Any
     atol: Any
@@ -330,7 +330,7 @@ class RecordingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
             "n": jnp.asarray(0, dtype=jnp.int32),
             "t": jnp.zeros(cap, tdt), "dt": jnp.zeros(cap, tdt), "error": jnp.zeros(cap, edt),
         }
-        if self.tab.stiffness_pair is not None:
+        if self.tab is not None and self.tab.stiffness_pair is not None:
             record["stiffness"] = jnp.zeros(cap, edt)
         if self.probe_ts is not None:
             record["probes"] = jnp.zeros((self.probe_ts.shape[0], *y0.shape), y0.dtype)
@@ -348,7 +348,7 @@ class RecordingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
         new["dt"] = record["dt"].at[i].set(t1 - t0)
         err = scaled_error(y0, y1, y_error, self.rtol, self.atol, self.norm)
         new["error"] = record["error"].at[i].set(err.astype(record["error"].dtype))
-        if "stiffness" in record:
+        if "stiffness" in record and self.tab is not None:
             s: Any = stiffness(dense["k"][: self.tab.stages], t1 - t0, self.tab)
             new["stiffness"] = record["stiffness"].at[i].set(s.astype(record["error"].dtype))
         probe_ts = self.probe_ts
@@ -541,6 +541,11 @@ def _traced(*xs: Any) -> bool:
     return any(not is_concrete(x) for x in jtu.tree_leaves(xs) if isinstance(x, jax.Array))
 
 
+def _is_sde(f: Any) -> bool:
+    """An SDE object (drift ``f``, diffusion ``g``, ``noise_type``): see ``diffrax_sde``."""
+    return hasattr(f, "g") and hasattr(f, "noise_type")
+
+
 class DiffraxBackend(Backend):
     """``backend="diffrax"``: ``diffeqsolve`` with a ``PIDController``;
     ``RecursiveCheckpointAdjoint`` (direct) or ``BacksolveAdjoint`` (adjoint)."""
@@ -560,8 +565,17 @@ class DiffraxBackend(Backend):
     def make_key(self, key: Any) -> JaxKey:
         return make_key(key)
 
+    def sde_methods(self) -> Mapping[str, Tableau | None]:
+        from regnde.adapters.diffrax_sde import METHODS
+
+        return dict.fromkeys(METHODS)
+
     def solve(self, request: SolveRequest) -> Solution:
         r = request
+        if _is_sde(r.f):
+            from regnde.adapters.diffrax_sde import solve_sde
+
+            return solve_sde(r)
         _check_y(r.y0, "y0")
         t = jnp.asarray(r.t)
         ctrl_opts, other = _split_options(r.options)
@@ -599,6 +613,10 @@ class DiffraxBackend(Backend):
 
     def step(self, request: StepRequest) -> StepResult:
         r = request
+        if _is_sde(r.f):
+            from regnde.adapters.diffrax_sde import step_sde
+
+            return step_sde(r)
         _check_y(r.y, "y")
         y = r.y
         t = jax.lax.stop_gradient(jnp.asarray(r.t, dtype=y.dtype))
