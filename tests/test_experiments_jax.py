@@ -6,6 +6,7 @@ dominates the time: each test compiles the training step at most once."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,19 @@ def test_missing_jax_is_reported_when_the_backend_is_asked_for(monkeypatch):
     with pytest.raises(ValueError, match=r"needs JAX, equinox and diffrax: pip install"):
         base.get("digits-node", "diffrax")
     assert base.get("digits-node", None)[1] == "torchdiffeq"
+
+
+def test_threads_limit_xla_only_before_jax_starts(monkeypatch):
+    import jax.numpy as jnp
+    from jax._src import xla_bridge
+
+    from regnde.experiments.cli import limit_xla_threads
+
+    jnp.zeros(1).block_until_ready()  # XLA has started: too late to change its threads
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x intra_op_parallelism_threads=4")
+    assert limit_xla_threads(1) is False
+    monkeypatch.setattr(xla_bridge, "_backends", {})  # as before the first computation
+    assert limit_xla_threads(1) is True
+    assert os.environ["XLA_FLAGS"].split() == [
+        "--xla_dump_to=/tmp/x", "--xla_cpu_multi_thread_eigen=false",
+        "intra_op_parallelism_threads=1"]
