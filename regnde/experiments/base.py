@@ -5,7 +5,8 @@ An experiment is a class with a configuration dataclass (CPU-size defaults, pape
 :meth:`setup`, :meth:`train_step`, :meth:`evaluate`, :meth:`state` and :meth:`load_state`.
 Everything framework-specific (models, optimizer, random generators, the ``regnde.solve`` call)
 lives in the experiment class; a JAX variant of an experiment is another class registered under
-the same name with ``backends = ("diffrax",)``, and the runner does not change.
+the same name with ``backends = ("diffrax",)`` (``digits-node``:
+:mod:`regnde.experiments.jax_node`), and the runner does not change.
 """
 
 from __future__ import annotations
@@ -167,3 +168,24 @@ def _convert(config_class: type[Config], key: str, text: str) -> Any:
 
 def _load_builtin() -> None:
     from regnde.experiments import cnf, latent, node, sde  # noqa: F401  (registers them)
+
+    try:
+        from regnde.experiments import jax_node  # noqa: F401  (JAX variants)
+    except ImportError as exc:  # JAX, equinox or diffrax missing: say so when asked for
+        register(_unavailable("digits-node", "diffrax", f"pip install 'regnde[jax]' ({exc})"))
+
+
+def _unavailable(name: str, backend: str, hint: str) -> type[Experiment]:
+    """A stand-in registered for ``name`` on ``backend`` whose implementation cannot be
+    imported here: selecting it raises ``ValueError`` with ``hint``."""
+
+    class Unavailable(Experiment):
+        backends = (backend,)
+
+        @classmethod
+        def check_available(cls, backend: str) -> None:
+            raise ValueError(f"experiment {name!r} on backend {backend!r} needs JAX, equinox "
+                             f"and diffrax: {hint}")
+
+    Unavailable.name = name
+    return Unavailable

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,8 @@ def add_parsers(subparsers: Any) -> None:
                    help="override a configuration field (repeatable), e.g. --set hidden=16")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice; 1 gives steadier "
-                        "timings on a shared machine)")
+                   help="CPU threads for torch, and for XLA on the JAX variants (default: "
+                        "the framework's choice; 1 gives steadier timings on a shared machine)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=_run)
 
@@ -86,6 +87,7 @@ def _run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(max(args.threads, 1))
+        limit_xla_threads(max(args.threads, 1))
     spec = RunSpec(experiment=args.experiment, regularizer=args.regularizer,
                    backend=args.backend, full=args.full, seed=args.seed, out=args.out,
                    iters=args.iters, data=args.data, lam=args.lam,
@@ -97,6 +99,25 @@ def _run(args: argparse.Namespace) -> int:
     summary[f"test_{res['metric']}"] = res["test"]["metric"]
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def limit_xla_threads(n: int) -> bool:
+    """Ask XLA's CPU backend for ``n`` threads per operation (``XLA_FLAGS``; Eigen's thread pool
+    off for ``n == 1``). Works only before JAX runs its first computation in this process;
+    returns whether it could still take effect."""
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
+
+        if getattr(xla_bridge, "_backends", None):
+            return False
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith(("--xla_cpu_multi_thread_eigen",
+                                                    "intra_op_parallelism_threads"))]
+    if n == 1:
+        flags.append("--xla_cpu_multi_thread_eigen=false")
+    flags.append(f"intra_op_parallelism_threads={n}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    return True
 
 
 def _report(args: argparse.Namespace) -> int:

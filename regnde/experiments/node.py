@@ -51,6 +51,29 @@ class DigitsConfig(Config):
     n_eval: int = 0
 
 
+def digits_splits(c: DigitsConfig, data: str | None
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The ``train``/``val``/``test`` splits of ``digits-node`` as contiguous NumPy arrays
+    ``(x float32 (N, d), y int64 (N,))``: scikit-learn's digits with a fixed 70/15/15 split, or
+    MNIST IDX files under ``data`` (validation: a fixed 10% of the training set). Shared by
+    the torch and the JAX implementation, so both see the same examples."""
+    if data is None:
+        x, y = D.digits()
+        tr, va, te = split_indices(len(x), (c.val_fraction, c.test_fraction))
+        parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
+    else:
+        mnist = D.load_mnist(data)
+        x, y = mnist["train"]
+        perm = np.random.default_rng(0).permutation(len(x))
+        va, tr = perm[: max(len(x) // 10, 1)], perm[max(len(x) // 10, 1):]
+        parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": mnist["test"]}
+    out = {}
+    for k, (xs, ys) in parts.items():
+        xs, ys = _limit(xs, ys, c.n_train if k == "train" else c.n_eval)
+        out[k] = (np.ascontiguousarray(xs), np.ascontiguousarray(ys))
+    return out
+
+
 class Classifier(nn.Module):
     """``func``: the ODE's vector field on the input space; ``head``: linear classifier."""
 
@@ -82,22 +105,8 @@ class DigitsNODE(ArrayExperiment):
         return {"iters": 3000}
 
     def load_data(self) -> dict[str, Any]:
-        c = self.config
-        if self.data is None:
-            x, y = D.digits()
-            tr, va, te = split_indices(len(x), (c.val_fraction, c.test_fraction))
-            parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
-        else:
-            mnist = D.load_mnist(self.data)
-            x, y = mnist["train"]
-            perm = np.random.default_rng(0).permutation(len(x))
-            va, tr = perm[: max(len(x) // 10, 1)], perm[max(len(x) // 10, 1):]
-            parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": mnist["test"]}
-        out = {}
-        for k, (xs, ys) in parts.items():
-            xs, ys = _limit(xs, ys, c.n_train if k == "train" else c.n_eval)
-            out[k] = (torch.from_numpy(np.ascontiguousarray(xs)),
-                      torch.from_numpy(np.ascontiguousarray(ys)))
+        out = {k: (torch.from_numpy(xs), torch.from_numpy(ys))
+               for k, (xs, ys) in digits_splits(self.config, self.data).items()}
         self.dim = out["train"][0].shape[1]
         return out
 
