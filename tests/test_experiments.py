@@ -481,3 +481,26 @@ def test_report_tables_and_plot(tmp_path, capsys):
     assert "global-error" not in text2 and "| none | 2 |" in text2
     with pytest.raises(ValueError, match=r"no results\.json"):
         report([tmp_path / "runs" / "none" / "s0" / "history.json"])
+
+
+def test_steer_term_becomes_a_random_end_time_while_training():
+    t = torch.tensor([0.0, 1.0])
+    reg = 0.5 * specs.Steer() + 2.0 * R.LocalError()
+    rest, b = specs.split_steer(reg, t)
+    assert b == 0.5 and [c for c, _ in rest.terms()] == [2.0]
+    assert specs.split_steer(0.5 * specs.Steer(), t) == (None, 0.5)
+    assert specs.split_steer(None, t) == (None, None)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        specs.split_steer(1.5 * specs.Steer(), t)
+    assert "steer" in specs.regularizer_names(available_only=True)
+
+
+def test_steer_runs_end_to_end_and_changes_training_only(tmp_path):
+    args = ["--lam", "0.5+1.0"]
+    assert main(tiny_args("digits-node", tmp_path / "s", "steer+local-error-unbiased", *args)) == 0
+    assert main(tiny_args("digits-node", tmp_path / "p", "local-error-unbiased", "--lam",
+                          "1.0")) == 0
+    steer = json.loads((tmp_path / "s" / "history.json").read_text())
+    plain = json.loads((tmp_path / "p" / "history.json").read_text())
+    # same weights and batch at iteration 0: only the random end time differs
+    assert steer[0]["task_loss"] != plain[0]["task_loss"]

@@ -83,7 +83,7 @@ class CNF2D(ArrayExperiment):
     higher_is_better = False
     select_tolerance = 0.02
     lam_defaults: ClassVar[dict[str, str]] = {
-        "error": "1.0", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "1"}
+        "error": "1.0", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "0.5"}
     config_class = CNFConfig
     config: CNFConfig
     data_help = "MINIBOONE data.npy (N, 43) or a directory holding miniboone/data.npy"

@@ -227,6 +227,9 @@ class JaxDigitsNODE(Experiment):
         x, y = self.splits["train"]
         rows = random_rows(len(x), self.config.batch_size, self.gen).numpy()
         terms = [] if regularizer is None else regularizer.terms()
+        if any(r.name == "steer" for _, r in terms):
+            raise ValueError("steer is not available on the diffrax digits-node yet; use "
+                             "--backend torchdiffeq, or regnde.steer(t, b, key) in your own loop.")
         lam = jnp.asarray([c for c, _ in terms] or [0.0], dtype=jnp.float32)
         key = jax.random.key((self.seed * 1_000_003 + iteration) % 2**62)
         self.model, self.m, self.v, out = _train_step(

@@ -97,7 +97,7 @@ class LatentODE(TorchExperiment):
     higher_is_better = False
     select_tolerance = 1e-3
     lam_defaults: ClassVar[dict[str, str]] = {
-        "error": "100:10", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "1"}
+        "error": "100:10", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "0.5"}
     config_class = LatentConfig
     config: LatentConfig
     data_help = "PhysioNet 2012 preprocessed (processed/set-a_<q>.pt)"

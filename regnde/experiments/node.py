@@ -95,7 +95,7 @@ class DigitsNODE(ArrayExperiment):
     select_tolerance = 0.01
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "2.5:1.0", "stiffness": "0.01", "taylor": "6e-5", "rnode": "0.01",
-        "steer": "1"}
+        "steer": "0.5"}
     config_class = DigitsConfig
     config: DigitsConfig
     data_help = "a directory with the four MNIST IDX files (optionally .gz)"
@@ -147,7 +147,7 @@ class ToyCubic(ArrayExperiment):
     higher_is_better = False
     select_tolerance = 1e-3
     lam_defaults: ClassVar[dict[str, str]] = {
-        "error": "1.0", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "1"}
+        "error": "1.0", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "0.5"}
     config_class = CubicConfig
     config: CubicConfig
 

@@ -110,7 +110,7 @@ class SpiralSDE(TorchExperiment):
     higher_is_better = False
     select_tolerance = 1e-2
     lam_defaults: ClassVar[dict[str, str]] = {
-        "error": "1000", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "1"}
+        "error": "1000", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "0.5"}
     config_class = SpiralConfig
     config: SpiralConfig
 
@@ -173,7 +173,7 @@ class DigitsNSDE(DigitsNODE):
     config_class = DigitsSDEConfig
     config: DigitsSDEConfig  # type: ignore[assignment]
     lam_defaults: ClassVar[dict[str, str]] = {
-        "error": "1000", "stiffness": "0.01", "taylor": "6e-5", "rnode": "0.01", "steer": "1"}
+        "error": "1000", "stiffness": "0.01", "taylor": "6e-5", "rnode": "0.01", "steer": "0.5"}
 
     @classmethod
     def check_available(cls, backend: str) -> None:

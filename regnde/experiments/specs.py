@@ -81,8 +81,39 @@ def _rnode() -> Any:
     return _library("KineticEnergy", "rnode")() + _library("JacobianFrobenius", "rnode")()
 
 
+class Steer(R.Regularizer):
+    """STEER (Ghosh et al., 2020) as a term of a ``--regularizer`` spec.
+
+    It adds no penalty: during training the experiment draws the end time from
+    ``U(t1 - b, t1 + b)`` (``regnde.solve(..., steer=b)``) with ``b`` its coefficient times the
+    last interval of the output grid (``|t1 - t0|`` for two times); the coefficient must lie in
+    ``(0, 1)``. Evaluation uses the true end time.
+    """
+
+    name = "steer"
+
+    def value(self, run: Any, key: Any, presampled: Any) -> Any:
+        raise TypeError("Steer is a solve option, not a penalty: pass it through split_steer().")
+
+
+def split_steer(regularizer: Any, t: Any) -> tuple[Any, float | None]:
+    """``(the regularizer without Steer terms, STEER's half-width b or None)`` for grid ``t``."""
+    if regularizer is None:
+        return None, None
+    terms = regularizer.terms()
+    steer = [c for c, r in terms if isinstance(r, Steer)]
+    if not steer:
+        return regularizer, None
+    if not 0.0 < steer[0] < 1.0:
+        raise ValueError(f"steer's coefficient is the half-width as a fraction of the last "
+                         f"interval and must lie in (0, 1), got {steer[0]}.")
+    rest = [(c, r) for c, r in terms if not isinstance(r, Steer)]
+    b = steer[0] * float(abs(t[-1] - t[-2]))
+    return (R.Sum(rest) if rest else None), b
+
+
 def _steer() -> Any:
-    return _library("STEER", "steer")()
+    return Steer()
 
 
 def _builtins() -> None:
@@ -117,7 +148,7 @@ def regularizer_names(available_only: bool = False) -> list[str]:
     names = ["none", *sorted(_SPECS), "taynode-K"]
     if not available_only:
         return names
-    missing = {"rnode": "KineticEnergy", "steer": "STEER", "taynode-K": "TaylorDerivative"}
+    missing = {"rnode": "KineticEnergy", "taynode-K": "TaylorDerivative"}
     return [n for n in names if n not in missing or hasattr(R, missing[n])]
 
 

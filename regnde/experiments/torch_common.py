@@ -99,8 +99,14 @@ class TorchExperiment(Experiment):
     # -- the solve ---------------------------------------------------------------------------
     def solve(self, f: Any, y0: torch.Tensor, t: torch.Tensor, regularizer: Any, key: int,
               **options: Any) -> regnde.Solution:
-        """``regnde.solve`` with the experiment's backend, method, tolerances and limits."""
+        """``regnde.solve`` with the experiment's backend, method, tolerances and limits; a STEER
+        term becomes ``steer=b`` while training."""
+        from regnde.experiments.specs import split_steer
+
         c = self.config
+        regularizer, b = split_steer(regularizer, t)
+        if b is not None and self.model.training:
+            options.setdefault("steer", b)
         return regnde.solve(f, y0, t, backend=self.backend, method=c.method or None, rtol=c.rtol,
                             atol=c.atol, sensitivity=c.sensitivity, regularizer=regularizer,
                             key=key, max_steps=c.max_steps, trace="summary", **options)
