@@ -42,15 +42,42 @@ def example() -> dict[str, Any]:
     return runpy.run_path(str(SCRIPT))
 
 
-def sharded_run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={WORLD}",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "JAX_PLATFORMS": "cpu"}
+def _env() -> dict[str, str]:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={WORLD}",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "JAX_PLATFORMS": "cpu"}
+
+
+def start(args: list[str]) -> subprocess.Popen[str]:
+    """The example on a 2-device mesh, in the background (the reference runs meanwhile)."""
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)``; kills the run at the time limit."""
     try:
-        return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=LIMIT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the sharded run did not finish within {LIMIT} s:\n{e.stdout}{e.stderr}")
+        out, err = proc.communicate(timeout=LIMIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the sharded run did not finish within {LIMIT} s:\n{out}{err}")
+    return proc.returncode, out, err
+
+
+@cache
+def compiled(argv: tuple[str, ...]) -> tuple[Any, Any]:
+    """The reference's jitted per-shard gradient and Adam update (compiled once per run)."""
+    ex = example()
+    args = ex["parse_args"](list(argv))
+    loss_fn = ex["make_loss"](args)
+
+    def plain(params: Any, batch: Any, key: Any) -> tuple[Any, dict[str, Any]]:
+        objective, log = loss_fn(params, batch, key)  # Stats is no pytree: its fields
+        return objective, {**log, "stats": tuple(getattr(log["stats"], f) for f in STATS)}
+
+    grad = eqx.filter_jit(eqx.filter_value_and_grad(plain, has_aux=True))
+    return grad, jax.jit(ex["make_update"](args.lr))
 
 
 def reference(argv: list[str], keys: Any = None) -> tuple[list[np.ndarray], list[list[float]]]:
@@ -62,14 +89,7 @@ def reference(argv: list[str], keys: Any = None) -> tuple[list[np.ndarray], list
     x, y = jnp.asarray(x), jnp.asarray(y)
     params = ex["make_model"](args)
     state = ex["init_adam"](params)
-    update = jax.jit(ex["make_update"](args.lr))
-    loss_fn = ex["make_loss"](args)
-
-    def plain(params: Any, batch: Any, key: Any) -> tuple[Any, dict[str, Any]]:
-        objective, log = loss_fn(params, batch, key)  # Stats is no pytree: its fields
-        return objective, {**log, "stats": tuple(getattr(log["stats"], f) for f in STATS)}
-
-    grad = eqx.filter_jit(eqx.filter_value_and_grad(plain, has_aux=True))
+    grad, update = compiled(tuple(argv))
     history = []
     for step in range(args.steps):
         grads, logs = [], []
@@ -94,14 +114,15 @@ def reference(argv: list[str], keys: Any = None) -> tuple[list[np.ndarray], list
 def test_sharded_step_equals_per_shard_reference(tmp_path: Path, name: str) -> None:
     out = tmp_path / "final.npz"
     argv = [*COMMON, "--regularizer", name]
-    done = sharded_run([*argv, "--save", str(out)])
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert f"{WORLD} devices (cpu), 4 rows each" in done.stdout
+    proc = start([*argv, "--save", str(out)])
+    params, history = reference(argv)
+    rc, stdout, stderr = finish(proc)
+    assert rc == 0, stdout[-2000:] + stderr[-3000:]
+    assert f"{WORLD} devices (cpu), 4 rows each" in stdout
     saved = np.load(out)
     assert int(saved["world_size"]) == WORLD
     got = [saved[f"arr_{i}"] for i in range(len(saved.files) - 2)]
 
-    params, history = reference(argv)
     initial = jax.tree.leaves(example()["make_model"](example()["parse_args"](argv)))
     assert len(got) == len(params) == len(initial)
     for g, p, p0 in zip(got, params, initial, strict=True):
@@ -121,11 +142,11 @@ def test_sharded_step_equals_per_shard_reference(tmp_path: Path, name: str) -> N
 
 def test_batch_not_divisible_by_the_devices_is_a_clear_error(tmp_path: Path) -> None:
     out = tmp_path / "final.npz"
-    done = sharded_run([*COMMON, "--batch-size", "15", "--save", str(out)])
-    assert done.returncode == 2
-    assert "batch size 15 is not divisible by the world size 2 (devices)" in done.stderr
-    assert "14 or 16" in done.stderr and "number of devices" in done.stderr
-    assert "Traceback" not in done.stderr
+    rc, _, stderr = finish(start([*COMMON, "--batch-size", "15", "--save", str(out)]))
+    assert rc == 2
+    assert "batch size 15 is not divisible by the world size 2 (devices)" in stderr
+    assert "14 or 16" in stderr and "number of devices" in stderr
+    assert "Traceback" not in stderr
     assert not out.exists()
 
 
