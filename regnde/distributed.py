@@ -25,6 +25,13 @@ Typical torch loop (``torchrun --nproc_per_node=2 train.py``)::
         log = D.reduce_stats(stats, loss=loss, reg=reg)
         if ctx.rank == 0:
             print(log)
+
+JAX (``jax.shard_map`` over a 1-D device mesh; the same per-shard semantics)::
+
+    mesh = D.make_mesh()                               # axis "data" over jax.devices()
+    step = D.data_parallel(loss_fn, update, mesh)      # loss_fn(params, shard, key)
+    params, opt_state, logs = step(params, opt_state, D.shard_batch(batch, mesh), seed, i)
+    print(logs.reduced())
 """
 
 from __future__ import annotations
@@ -213,6 +220,10 @@ def setup(framework: str = "torch", **options: Any) -> Any:
     ``framework="torch"``: :func:`regnde.adapters.torch_distributed.setup` (gloo on CPU, nccl
     on GPU, picked by device; a timeout so that a failed rank stops the others instead of
     hanging). ``options`` go to it.
+
+    ``framework="jax"``: :func:`regnde.adapters.jax_distributed.setup`
+    (``jax.distributed.initialize(**options)`` for multi-host jobs, then the 1-D ``"data"`` mesh
+    over every device of every process, which it returns).
     """
     if framework not in ADAPTERS:
         raise ValueError(choices("framework for setup", framework, ADAPTERS))

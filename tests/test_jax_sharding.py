@@ -169,3 +169,16 @@ def test_shard_key_is_the_rank_key_folded_with_the_step() -> None:
     got = draw(J.base_key(5), jnp.asarray(3, jnp.uint32))[0]
     want = jax.random.key_data(D.rank_key(5, 0, backend="diffrax").fold(3).key)
     np.testing.assert_array_equal(got, want)
+
+
+def test_single_process_helpers() -> None:
+    import regnde
+    from regnde.adapters import jax_distributed as J
+
+    got = D.reduce_stats(regnde.Stats(nfe=14, nfe_reg=7, n_steps=2, n_rejected=1),
+                         loss=jnp.asarray(0.25), framework="jax")
+    assert (got.world_size, got.loss, got.reg, got.stats.nfe) == (1, 0.25, None, 14.0)
+    mesh = J.setup(distributed=False)
+    assert mesh.axis_names == ("data",) and mesh.size == len(jax.devices())
+    with pytest.raises(ValueError, match="jax.distributed.initialize"):
+        J.setup(distributed=False, num_processes=2)
