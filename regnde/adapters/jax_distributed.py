@@ -245,7 +245,9 @@ def data_parallel(loss_fn: LossFn, update: UpdateFn, mesh: Mesh, *, axis: str = 
         check_sharded_batch(batch, mesh, axis)
         index = jnp.asarray(step_index, dtype=jnp.uint32)
         # replicated on the mesh, like the step's outputs: the next call reuses the compilation
-        params, opt_state = jax.device_put((params, opt_state), replicated)
+        params, opt_state = jax.tree.map(
+            lambda x: jax.device_put(x, replicated) if eqx.is_array(x) else x,
+            (params, opt_state))
         with _closure_convert_ignores_sharding():  # the first call traces
             return compiled(params, opt_state, batch, base_key(seed), index)
 
