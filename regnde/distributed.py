@@ -25,6 +25,13 @@ Typical torch loop (``torchrun --nproc_per_node=2 train.py``)::
         log = D.reduce_stats(stats, loss=loss, reg=reg)
         if ctx.rank == 0:
             print(log)
+
+JAX (``jax.shard_map`` over a 1-D device mesh; the same per-shard semantics)::
+
+    mesh = D.make_mesh()                               # axis "data" over jax.devices()
+    step = D.data_parallel(loss_fn, update, mesh)      # loss_fn(params, shard, key)
+    params, opt_state, logs = step(params, opt_state, D.shard_batch(batch, mesh), seed, i)
+    print(logs.reduced())
 """
 
 from __future__ import annotations
@@ -40,8 +47,10 @@ from regnde.trace import Stats
 #: Fields of :class:`regnde.Stats`, in the order they travel between ranks.
 STAT_FIELDS = ("nfe", "nfe_reg", "n_steps", "n_rejected")
 
-#: ``framework -> adapter module`` providing ``all_reduce_sum_max`` (and, for torch, ``setup``).
-ADAPTERS = {"torch": "regnde.adapters.torch_distributed"}
+#: ``framework -> adapter module`` providing ``all_reduce_sum_max`` (and, for torch, ``setup``;
+#: for jax, ``data_parallel``, ``make_mesh``, ``shard_batch``).
+ADAPTERS = {"torch": "regnde.adapters.torch_distributed",
+            "jax": "regnde.adapters.jax_distributed"}
 
 AllReduce = Callable[[Sequence[float]], tuple[Sequence[float], Sequence[float], int]]
 
@@ -76,8 +85,11 @@ def rank_key(key: Any, rank: int, *, backend: str = "torchdiffeq") -> Any:
 
 
 # -- batches ------------------------------------------------------------------------------------
-def check_batch(batch_size: int, world_size: int) -> int:
+def check_batch(batch_size: int, world_size: int, unit: str = "processes") -> int:
     """The per-rank batch size ``batch_size // world_size``.
+
+    ``unit`` names what the world consists of in the message (``"processes"`` for torchrun,
+    ``"devices"`` for a JAX mesh).
 
     Raises:
         ValueError: ``batch_size`` is not a positive multiple of ``world_size``; the message
@@ -87,7 +99,7 @@ def check_batch(batch_size: int, world_size: int) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}.")
     if batch_size % world_size:
-        raise ValueError(batch_not_divisible(batch_size, world_size))
+        raise ValueError(batch_not_divisible(batch_size, world_size, unit))
     return batch_size // world_size
 
 
@@ -162,7 +174,9 @@ def reduce_stats(
         stats: this rank's :class:`regnde.Stats` (``sol.stats`` or the drop-in's ``reg.stats``).
         loss, reg: this rank's scalars (tensors, arrays or numbers) or ``None``.
         framework: whose collectives to use: ``"torch"`` (``torch.distributed``; the default
-            process group unless ``group=`` is passed in ``options``).
+            process group unless ``group=`` is passed in ``options``), or ``"jax"`` (between
+            JAX processes of a multi-host job; one process: its own values). Inside a sharded
+            JAX step the shards are reduced by :func:`data_parallel` itself.
         all_reduce: instead of ``framework``, a function taking this rank's values and returning
             ``(sums, maxima, world_size)`` over ranks (for another communication layer).
         **options: passed to the framework's all-reduce (torch: ``group``).
@@ -180,9 +194,16 @@ def reduce_stats(
         sums, maxs, world = module.all_reduce_sum_max(values, **options)
     else:
         sums, maxs, world = all_reduce(values)
+    return reduced([n for n, _ in given], sums, maxs, world)
+
+
+def reduced(names: Sequence[str], sums: Sequence[float], maxs: Sequence[float],
+            world: int) -> Reduced:
+    """:class:`Reduced` from sums and maxima over ranks of ``(*names, *STAT_FIELDS)``
+    (``names``: the given ones of ``"loss"``, ``"reg"``, in that order)."""
     means = [s / world for s in sums]
-    named = dict(zip([n for n, _ in given], means, strict=False))
-    k = len(given)
+    named = dict(zip(names, means, strict=False))
+    k = len(names)
     return Reduced(
         world_size=int(world),
         loss=named.get("loss"),
@@ -199,7 +220,34 @@ def setup(framework: str = "torch", **options: Any) -> Any:
     ``framework="torch"``: :func:`regnde.adapters.torch_distributed.setup` (gloo on CPU, nccl
     on GPU, picked by device; a timeout so that a failed rank stops the others instead of
     hanging). ``options`` go to it.
+
+    ``framework="jax"``: :func:`regnde.adapters.jax_distributed.setup`
+    (``jax.distributed.initialize(**options)`` for multi-host jobs, then the 1-D ``"data"`` mesh
+    over every device of every process, which it returns).
     """
     if framework not in ADAPTERS:
         raise ValueError(choices("framework for setup", framework, ADAPTERS))
     return importlib.import_module(ADAPTERS[framework]).setup(**options)
+
+
+# -- JAX ----------------------------------------------------------------------------------------
+def data_parallel(loss_fn: Callable[..., Any], update: Callable[..., Any], mesh: Any,
+                  **options: Any) -> Callable[..., Any]:
+    """A jitted JAX training step sharded over a 1-D device ``mesh`` (``jax.shard_map``): each
+    shard its own system with its own key ``rank_key(seed, i, backend="diffrax").fold(step)``,
+    gradients averaged with ``jax.lax.pmean``. See
+    :func:`regnde.adapters.jax_distributed.data_parallel` (imports JAX on first use)."""
+    return importlib.import_module(ADAPTERS["jax"]).data_parallel(loss_fn, update, mesh,
+                                                                  **options)
+
+
+def make_mesh(devices: Sequence[Any] | None = None, axis: str = "data") -> Any:
+    """A 1-D JAX device mesh named ``axis`` (default: every device of every host); see
+    :func:`regnde.adapters.jax_distributed.make_mesh`."""
+    return importlib.import_module(ADAPTERS["jax"]).make_mesh(devices, axis)
+
+
+def shard_batch(batch: Any, mesh: Any, axis: str = "data") -> Any:
+    """A JAX batch placed on ``mesh``, split along ``axis`` (checked with
+    :func:`check_batch`); see :func:`regnde.adapters.jax_distributed.shard_batch`."""
+    return importlib.import_module(ADAPTERS["jax"]).shard_batch(batch, mesh, axis)

@@ -83,13 +83,14 @@ def trace_capacity_exceeded(capacity: int, n: int | None) -> str:
     )
 
 
-def batch_not_divisible(batch_size: int, world_size: int) -> str:
+def batch_not_divisible(batch_size: int, world_size: int, unit: str = "processes") -> str:
     lo = batch_size // world_size * world_size
     near = [n for n in (lo, lo + world_size) if n > 0]
+    fix = (f"launch a number of processes that divides {batch_size}" if unit == "processes"
+           else f"use a number of {unit} that divides {batch_size}")
     return (
-        f"batch size {batch_size} is not divisible by the world size {world_size} (processes): "
+        f"batch size {batch_size} is not divisible by the world size {world_size} ({unit}): "
         f"every rank needs an equal shard for data-parallel gradients to be the mean over the "
         f"batch. Use a batch size that is a multiple of {world_size} (e.g. "
-        f"{' or '.join(map(str, near))}) or launch a number of processes that divides "
-        f"{batch_size}."
+        f"{' or '.join(map(str, near))}) or {fix}."
     )
