@@ -190,9 +190,6 @@ def test_library_regularizers_are_looked_up_by_name(monkeypatch):
     monkeypatch.delattr(R, "KineticEnergy", raising=False)
     with pytest.raises(ValueError, match="KineticEnergy"):
         specs.ScheduledRegularizer("rnode", "1", 10)
-    monkeypatch.delattr(R, "STEER", raising=False)
-    with pytest.raises(ValueError, match="STEER"):
-        specs.ScheduledRegularizer("steer", "1", 10)
 
 
 def test_unknown_experiment_backend_and_setting(tmp_path, capsys):
