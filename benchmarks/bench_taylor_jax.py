@@ -22,12 +22,12 @@ from collections.abc import Callable
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
                       "intra_op_parallelism_threads=1")
 
-import equinox as eqx  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 
-import regnde  # noqa: E402
-from regnde import regularizers as R  # noqa: E402
+import regnde
+from regnde import regularizers as R
 
 
 class Field(eqx.Module):
@@ -74,7 +74,7 @@ def main() -> None:
             def loss(f: Field) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
                 sol = regnde.solve(f, y0, t, rtol=1e-5, atol=1e-5, regularizer=reg, key=0,
                                    trace="summary", sensitivity=args.sensitivity)
-                value = sol.ys[-1].square().mean()
+                value = jnp.mean(sol.ys[-1] ** 2)
                 if sol.reg is not None:
                     value = value + 1e-3 * sol.reg
                 return value, (sol.stats.nfe, sol.stats.nfe_reg)

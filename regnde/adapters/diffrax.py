@@ -687,6 +687,7 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
     plain_solver = RecordingSolver(solver, tab, capacity, st.rtol, st.atol, controller.norm,
                                    probe_ts)
     rec_solver = plain_solver if aug is None else aug.recording(plain_solver)
+    aug_controller = controller if aug is None else aug.controller
     term = dfx.ODETerm(_VectorField(f_solve))
 
     def run(term: Any, y0: Any, states: bool, adj: Any, plain: bool = aug is None) -> Any:
@@ -697,7 +698,7 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
             saveat = dfx.SaveAt(ts=t, solver_state=True)
         return dfx.diffeqsolve(term, plain_solver if plain else rec_solver, t0, t1, st.dt0, y0,
                                saveat=saveat, adjoint=adj, max_steps=st.max_steps, throw=False,
-                               stepsize_controller=controller if plain else aug.controller)
+                               stepsize_controller=controller if plain else aug_controller)
 
     if adjoint:
         backward: dict[str, Any] = dict(solver=solver, throw=True)
