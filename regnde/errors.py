@@ -21,6 +21,11 @@ class NonFiniteError(SolverError, FloatingPointError):
     """The vector field, the state or a regularizer produced NaN or Inf."""
 
 
+class TaylorModeError(RuntimeError):
+    """An operation that Taylor mode cannot trace (torch: in place, or failing under nested
+    jvp; JAX: a primitive ``jax.experimental.jet`` has no rule for). The message names it."""
+
+
 class PluginError(RuntimeError):
     """Something provided by a plugin could not be used; the message names the plugin."""
 

@@ -12,7 +12,8 @@ under ``jax.jit``.
 - :class:`TaylorDerivative` (TayNODE), :class:`KineticEnergy` and :class:`JacobianFrobenius`
   (RNODE) are integrals along the solution (:class:`Integral`): the backend carries them as
   extra states of the solve (see :meth:`Regularizer.integrands`); they work with every
-  sensitivity on backends that augment the state (``Backend.augments``: torchdiffeq).
+  sensitivity on backends that augment the state (``Backend.augments``: torchdiffeq,
+  diffrax).
 
 Regularizers compose: ``2.5 * LocalError() + 0.1 * GlobalStiffness()``.
 """

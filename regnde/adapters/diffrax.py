@@ -299,6 +299,9 @@ class RecordingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
     atol: Any
     norm: Callable[[Any], Any] = eqx.field(static=True)
     probe_ts: jax.Array | None = None
+    #: the user's state ``y`` within the solver's state (``(y, r)`` of an augmented solve):
+    #: errors, stiffness and probes look at ``y`` only.
+    part: Callable[[Any], Any] = eqx.field(static=True, default=lambda y: y)
 
     @property
     def term_structure(self) -> Any:  # type: ignore[override]
@@ -333,7 +336,8 @@ class RecordingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
         if self.tab is not None and self.tab.stiffness_pair is not None:
             record["stiffness"] = jnp.zeros(cap, edt)
         if self.probe_ts is not None:
-            record["probes"] = jnp.zeros((self.probe_ts.shape[0], *y0.shape), y0.dtype)
+            y = self.part(y0)
+            record["probes"] = jnp.zeros((self.probe_ts.shape[0], *y.shape), y.dtype)
         return inner, record
 
     def step(self, terms: Any, t0: Any, t1: Any, y0: Any, args: Any, solver_state: Any,
@@ -346,10 +350,11 @@ class RecordingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
         new["n"] = i + 1
         new["t"] = record["t"].at[i].set(t0)
         new["dt"] = record["dt"].at[i].set(t1 - t0)
-        err = scaled_error(y0, y1, y_error, self.rtol, self.atol, self.norm)
+        part = self.part
+        err = scaled_error(part(y0), part(y1), part(y_error), self.rtol, self.atol, self.norm)
         new["error"] = record["error"].at[i].set(err.astype(record["error"].dtype))
         if "stiffness" in record and self.tab is not None:
-            s: Any = stiffness(dense["k"][: self.tab.stages], t1 - t0, self.tab)
+            s: Any = stiffness(part(dense["k"])[: self.tab.stages], t1 - t0, self.tab)
             new["stiffness"] = record["stiffness"].at[i].set(s.astype(record["error"].dtype))
         probe_ts = self.probe_ts
         if probe_ts is not None:
@@ -357,9 +362,9 @@ class RecordingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
 
             def interpolate() -> Any:
                 interp = self.solver.interpolation_cls(t0=t0, t1=t1, **dense)
-                vals = jax.vmap(interp.evaluate)(probe_ts)
+                vals = part(jax.vmap(interp.evaluate)(probe_ts))
                 mask = inside.reshape((-1,) + (1,) * (vals.ndim - 1))
-                return jnp.where(mask, vals.astype(y0.dtype), record["probes"])
+                return jnp.where(mask, vals.astype(part(y0).dtype), record["probes"])
 
             new["probes"] = jax.lax.cond(jnp.any(inside), interpolate,
                                          lambda: record["probes"])
@@ -394,8 +399,9 @@ class JaxRun:
 
     def __init__(self, *, trace: Trace, t0: Any, t1: Any, sensitivity: str, tableau: Tableau,
                  f: Callable[[Any, Any], Any], solver: Any, controller: dfx.PIDController,
-                 captured: dict[int, Any], y0: Any):
+                 captured: dict[int, Any], y0: Any, integrals: dict[int, Any] | None = None):
         self.trace, self.t0, self.t1, self.y0 = trace, t0, t1, y0
+        self.integrals = integrals or {}
         self.sensitivity, self.tableau = sensitivity, tableau
         self.f, self.solver, self.controller = f, solver, controller
         self.captured = captured
@@ -421,6 +427,13 @@ class JaxRun:
         first, later = evals_per_step(solver, self.tableau)
         self.nfe = self.nfe + jnp.where(j > 0, first + (j - 1) * later, 0)
         return y
+
+    def integral(self, reg: Any) -> jax.Array:
+        """``r(t1)`` of the augmented solve for the integral regularizer ``reg``."""
+        value = self.integrals.get(id(reg))
+        if value is None:
+            raise ValueError(f"{reg!r} was not integrated along this solve.")
+        return value
 
     def state_at(self, tau: Any, differentiable: bool = False) -> jax.Array:
         u = self.captured.get(id(tau))
@@ -552,6 +565,7 @@ class DiffraxBackend(Backend):
 
     name = "diffrax"
     framework = "jax"
+    augments = True
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return {name: native_tableau(name) for name in NATIVE}
@@ -663,12 +677,18 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
     adjoint = st.sensitivity == "adjoint"
     reg = st.regularizer
     capacity = st.capacity
-    f_solve = f
+    direction = jnp.where(t1 >= t0, 1, -1).astype(t.dtype)
+    # Integral regularizers: solve (y, r) with an error norm on y alone (jax_augment.py).
+    aug = None
+    if reg is not None and reg.needs_augmentation():
+        from regnde.adapters.jax_augment import augment
+
+        aug = augment(f, y0, reg, key, direction, controller)
+    f_solve, state0 = (f, y0) if aug is None else (aug.field, aug.state0)
     if adjoint:
         # BacksolveAdjoint differentiates w.r.t. the term's array leaves only: make values
         # that f closes over (parameters traced by jax.grad) explicit leaves.
-        f_solve = eqx.filter_closure_convert(f, t0, y0)
-    direction = jnp.where(t1 >= t0, 1, -1).astype(t.dtype)
+        f_solve = eqx.filter_closure_convert(f_solve, t0, state0)
 
     presampled: dict[Any, Any] = {}
     probe_ids: list[int] = []
@@ -682,33 +702,44 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
     # States at step starts cost a (capacity, *y0.shape) buffer: only for trace="full". A
     # sampler that needs a state the solve did not announce (biased) gets it by a replay.
     keep_states = st.trace == "full"
-    rec_solver = RecordingSolver(solver, tab, capacity, st.rtol, st.atol, controller.norm,
-                                 probe_ts)
+    plain_solver = RecordingSolver(solver, tab, capacity, st.rtol, st.atol, controller.norm,
+                                   probe_ts)
+    rec_solver = plain_solver if aug is None else aug.recording(plain_solver)
+    aug_controller = controller if aug is None else aug.controller
     term = dfx.ODETerm(_VectorField(f_solve))
-    common = dict(stepsize_controller=controller, max_steps=st.max_steps, throw=False)
 
-    def run(term: Any, y0: Any, states: bool, adj: Any) -> Any:
+    def run(term: Any, y0: Any, states: bool, adj: Any, plain: bool = aug is None) -> Any:
         if states:
             saveat = dfx.SaveAt(subs=[dfx.SubSaveAt(ts=t), dfx.SubSaveAt(steps=True)],
                                 solver_state=True)
         else:
             saveat = dfx.SaveAt(ts=t, solver_state=True)
-        return dfx.diffeqsolve(term, rec_solver, t0, t1, st.dt0, y0, saveat=saveat,
-                               adjoint=adj, **common)
+        return dfx.diffeqsolve(term, plain_solver if plain else rec_solver, t0, t1, st.dt0, y0,
+                               saveat=saveat, adjoint=adj, max_steps=st.max_steps, throw=False,
+                               stepsize_controller=controller if plain else aug_controller)
 
     if adjoint:
-        sol = run(term, y0, False, dfx.BacksolveAdjoint(solver=solver, throw=True))
+        backward: dict[str, Any] = dict(solver=solver, throw=True)
+        if aug is not None:
+            backward["stepsize_controller"] = aug.backward_controller
+        sol = run(term, state0, False, dfx.BacksolveAdjoint(**backward))
         ys = sol.ys
         record = jax.lax.stop_gradient(sol.solver_state[1])
         steps_ys = None
         if keep_states:  # forward-only replay (same steps) for the states at step starts
-            side = run(_stop(term), jax.lax.stop_gradient(y0), True,
-                       dfx.RecursiveCheckpointAdjoint())
+            side_term = term if aug is None else dfx.ODETerm(_VectorField(f))
+            side = run(_stop(side_term), jax.lax.stop_gradient(y0), True,
+                       dfx.RecursiveCheckpointAdjoint(), plain=True)
             steps_ys = jax.lax.stop_gradient(side.ys[1])
     else:
-        sol = run(term, y0, keep_states, dfx.RecursiveCheckpointAdjoint())
+        sol = run(term, state0, keep_states, dfx.RecursiveCheckpointAdjoint())
         ys, steps_ys = (sol.ys[0], sol.ys[1]) if keep_states else (sol.ys, None)
+        if aug is not None and steps_ys is not None:
+            steps_ys = steps_ys[0]
         record = sol.solver_state[1]
+    integrals: dict[int, Any] = {}
+    if aug is not None:
+        ys, integrals = aug.split(ys)
 
     if st.traced:
         ys = _attach_errors(ys, sol.result, record, st.max_steps, capacity)
@@ -737,12 +768,14 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
             captured = {pid: record["probes"][i] for i, pid in enumerate(probe_ids)}
         jrun = JaxRun(trace=Trace(**trace), t0=t0, t1=t1, sensitivity=st.sensitivity,
                       tableau=tab, f=f, solver=solver, controller=controller,
-                      captured=captured, y0=y0)
+                      captured=captured, y0=y0, integrals=integrals)
         value = evaluate(reg, jrun, key, presampled)
         if st.traced:
             value = eqx.error_if(value, ~jnp.isfinite(value), non_finite_regularizer(
                 repr(reg), "the step is not known under jit"))
         stats["nfe_reg"] = jrun.nfe
+        if aug is not None:  # one integrand evaluation per evaluation of the augmented field
+            stats["nfe_reg"] = stats["nfe_reg"] + first + (sol.stats["num_steps"] - 1) * later
     if st.trace == "summary":
         trace["y"] = None
     failure = dict(result=sol.result, n=record["n"], t=record["t"], dt=record["dt"],

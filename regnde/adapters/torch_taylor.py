@@ -51,15 +51,13 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from regnde.errors import TaylorModeError
+
 __all__ = ["TaylorFallbackWarning", "TaylorModeError", "jvp_derivatives", "taylor_derivatives"]
 
 
 class TaylorFallbackWarning(UserWarning):
     """An operation without a Taylor-mode rule ran through nested forward-mode jvp."""
-
-
-class TaylorModeError(RuntimeError):
-    """An operation that Taylor mode cannot trace (in place, or failing under nested jvp)."""
 
 
 class Coef:
