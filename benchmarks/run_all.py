@@ -8,7 +8,8 @@ not compete for cores):
 - adapter and regularizer overhead per backend (`bench_torchdiffeq`, `bench_diffrax`,
   `bench_torchsde`): ratios against the plain backend, interleaved repeats, medians;
 - memory as the number of steps grows (`bench_memory`);
-- TayNODE's training slowdown against the error regularizers (`bench_taylor`, if present);
+- TayNODE's training slowdown against the error regularizers (`bench_taylor`,
+  `bench_taylor_jax`);
 - NFE ratio and prediction speed-up of each regularizer against vanilla on `digits-node` and
   `latent-ode` (the experiment runner, one seed; `regnde report` over several seeds gives mean
   and std).
@@ -34,10 +35,11 @@ SCRIPTS = {
     "torchsde": ["bench_torchsde.py"],
     "memory": ["bench_memory.py"],
     "taylor": ["bench_taylor.py"],
+    "taylor-jax": ["bench_taylor_jax.py"],
 }
 QUICK_ARGS = {"torchdiffeq": ["--repeats", "5"], "diffrax": ["--repeats", "5"],
               "torchsde": ["--repeats", "9"], "memory": ["--targets", "20,200"],
-              "taylor": ["--repeats", "3"]}
+              "taylor": ["--repeats", "3"], "taylor-jax": ["--repeats", "3"]}
 EXPERIMENTS = {
     "digits-node": ["none", "local-error-unbiased", "local-error-biased", "local-error-reference",
                     "global-error", "global-stiffness"],
