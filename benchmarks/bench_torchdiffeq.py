@@ -1,6 +1,6 @@
 """Overhead of regnde on torchdiffeq, measured side by side in one process.
 
-    python benchmarks/bench_torchdiffeq.py [--repeats 15] [--device cpu|cuda]
+    python benchmarks/bench_torchdiffeq.py [--repeats 15] [--device cpu|cuda] [--threads 1]
 
 MLP vector field dim 64, batch 128, dopri5, rtol = atol = 1e-5, float32; the field is scaled so
 the solve takes at least 20 accepted steps. Each row times the baseline and the candidate in
@@ -62,8 +62,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--span", type=float, default=4.0, help="end time of the solve")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise)")
+    p.add_argument("--span", type=float, default=16.0,
+                   help="end time of the solve (16: at least 20 accepted steps)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     f = Field().to(dev)
@@ -73,6 +76,9 @@ def main() -> None:
     probe = regnde.solve(f, y0, t, **tol)
     print(f"device {dev}, accepted steps {probe.stats.n_steps}, rejected "
           f"{probe.stats.n_rejected}, NFE {probe.stats.nfe}, threads {torch.get_num_threads()}")
+    if probe.stats.n_steps < 20:
+        print(f"warning: only {probe.stats.n_steps} accepted steps; the targets assume >= 20 "
+              f"(raise --span)")
 
     def plain_fwd() -> object:
         with torch.no_grad():

@@ -29,6 +29,7 @@ gradients through ``ys`` can differ from plain torchdiffeq's in the last digits.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
@@ -111,6 +112,7 @@ def _pair(td: _ButcherTableau) -> tuple[int, int] | None:
     return None
 
 
+@functools.cache
 def native_tableau(name: str) -> Tableau:
     cls = _ORIGINAL[NATIVE[name]]
     return to_regnde(name, cls.tableau, cls.order, _pair(cls.tableau), cls.mid)
@@ -190,27 +192,29 @@ def make_key(key: Any) -> TorchKey:
 
 
 # -- the one RK step every path uses -----------------------------------------------------------
+def _stiffness_ratio(k: torch.Tensor, tab: Tableau, w: torch.Tensor) -> torch.Tensor:
+    """``|k_p - k_q| / |sum_j w_j k_j|``: Shampine's estimate times ``|dt|`` (stages last).
+
+    Runs every accepted step, so it is four kernels: the caller divides by ``|dt|`` (in one
+    batch for a whole trace)."""
+    p, q = tab.stiffness_pair  # type: ignore[misc]
+    num = torch.dist(k[..., p], k[..., q])
+    den = torch.linalg.vector_norm(torch.matmul(k, w))
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
 def _stiffness(k: torch.Tensor, dt: torch.Tensor, tab: Tableau, w: torch.Tensor | None
                ) -> torch.Tensor | None:
-    """Shampine's estimate ``|k_p - k_q| / |Y_p - Y_q|`` from stages ``k`` (stages last).
-
-    ``w`` (from :func:`_diff_weights`) is ``(stages, 2)``: column 0 picks ``k_p - k_q``,
-    column 1 gives ``(Y_p - Y_q) / dt``; one matmul yields both (this runs every step)."""
+    """Shampine's estimate ``|k_p - k_q| / |Y_p - Y_q|`` with ``Y_p - Y_q = dt sum_j w_j k_j``."""
     if w is None:
         return None
-    d = torch.matmul(k, w).square().sum(dim=tuple(range(k.dim() - 1)))
-    num, den = d[0], d[1] * dt.to(d.dtype).square()
-    return torch.sqrt(num / den.clamp_min(torch.finfo(d.dtype).tiny))
+    return _stiffness_ratio(k, tab, w) / dt.abs().to(k.dtype)
 
 
 def _diff_weights(tab: Tableau, like: torch.Tensor) -> torch.Tensor | None:
+    """``w`` with ``Y_p - Y_q = dt * sum_j w_j k_j`` for the stiffness pair, or ``None``."""
     w = tab.stage_difference_weights()
-    if w is None or tab.stiffness_pair is None:
-        return None
-    p, q = tab.stiffness_pair
-    pick = [0.0] * tab.stages
-    pick[p], pick[q] = 1.0, -1.0
-    return torch.tensor([pick, list(w)], dtype=like.dtype, device=like.device).T.contiguous()
+    return None if w is None else torch.tensor(w, dtype=like.dtype, device=like.device)
 
 
 def rk_step(func: Any, tab: Tableau, td: _ButcherTableau, y: torch.Tensor, f0: torch.Tensor,
@@ -348,9 +352,9 @@ class Recorder:
         self.errors.append(error)
         if self.keep_states:
             self.ys.append(y0 if self.trace_mode == "full" else y0.detach())
-        stiffness = _stiffness(k, dt, self.tab, self.solver.regnde_w)
-        if stiffness is not None:
-            self.stiff.append(stiffness)
+        w = self.solver.regnde_w
+        if w is not None:  # divided by |dt| for all steps at once in end()
+            self.stiff.append(_stiffness_ratio(k, self.tab, w))
         for pid, tau in self.probes.items():
             if pid not in self.captured and t0 <= tau <= t1:
                 u = _interp_evaluate(interp_coeff, t0, t1, tau)
@@ -366,7 +370,8 @@ class Recorder:
         self.trace = Trace(
             t=sign * t, dt=sign * dt, mask=torch.ones(n, dtype=torch.bool, device=t.device),
             n_steps=n, error=torch.stack(self.errors),
-            stiffness=torch.stack(self.stiff) if self.stiff else None,
+            stiffness=(torch.stack(self.stiff) / taken.abs().to(self.stiff[0].dtype)
+                       if self.stiff else None),
             y=torch.stack(self.ys) if self.trace_mode == "full" else None,
             dt_taken=sign * taken,
         )
@@ -713,8 +718,12 @@ class TorchdiffeqBackend(Backend):
     framework = "torch"
     augments = True
 
-    def native_methods(self) -> Mapping[str, Tableau | None]:
+    @functools.cached_property
+    def _native(self) -> Mapping[str, Tableau | None]:
         return {name: native_tableau(name) for name in NATIVE}
+
+    def native_methods(self) -> Mapping[str, Tableau | None]:
+        return self._native
 
     def aliases(self) -> Mapping[str, str]:
         return ALIASES
