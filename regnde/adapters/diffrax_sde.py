@@ -51,6 +51,7 @@ from regnde.adapters.diffrax import (
     _check_y,
     _stop,
     _traced,
+    _VectorField,
     make_key,
     scaled_error,
 )
@@ -120,13 +121,6 @@ for _prop in (lx.is_symmetric, lx.is_positive_semidefinite, lx.is_negative_semid
     _prop.register(NoiseMatrix)(lambda operator: False)  # lineax's __check_init__ asks
 
 
-class _Drift(eqx.Module):
-    f: Callable[..., Any]
-
-    def __call__(self, t: Any, y: Any, args: Any) -> Any:
-        return self.f(t, y)
-
-
 class _Diffusion(eqx.Module):
     g: Callable[..., Any]
     diagonal: bool = eqx.field(static=True)
@@ -140,7 +134,7 @@ def make_terms(drift: Callable[..., Any], diffusion: Callable[..., Any], noise_t
                bm: Any) -> dfx.MultiTerm:
     """``MultiTerm(ODETerm(drift), ControlTerm(diffusion, bm))`` for regnde's ``f(t, y)``,
     ``g(t, y)``."""
-    return dfx.MultiTerm(dfx.ODETerm(_Drift(drift)),
+    return dfx.MultiTerm(dfx.ODETerm(_VectorField(drift)),
                          dfx.ControlTerm(_Diffusion(diffusion, noise_type == "diagonal"), bm))
 
 
