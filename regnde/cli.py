@@ -67,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "iters", 1) is not None and getattr(args, "iters", 1) < 1:
         print("regnde: --iters must be >= 1", file=sys.stderr)
         return 2
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
