@@ -18,6 +18,16 @@ def _floats(name: str, values: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
+def equal_c_pair(c: tuple[float, ...] | list[float]) -> tuple[int, int] | None:
+    """The last two stages with equal nodes ``c`` (Dormand–Prince, Tsit5: 0-based 5 and 6):
+    the pair Shampine's stiffness estimate uses, or ``None``."""
+    for p in range(len(c) - 1, 0, -1):
+        for q in range(p - 1, -1, -1):
+            if c[p] == c[q]:
+                return (q, p)
+    return None
+
+
 @dataclass(frozen=True)
 class Tableau:
     """An explicit embedded Runge–Kutta method.

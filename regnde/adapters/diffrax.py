@@ -50,7 +50,7 @@ from regnde.errors import (
 from regnde.plugins.hookspecs import hookimpl
 from regnde.regularizers import containing_step, evaluate
 from regnde.samplers import take
-from regnde.tableau import Tableau
+from regnde.tableau import Tableau, equal_c_pair
 from regnde.trace import Solution, Stats, StepResult, Trace
 from regnde.validate import is_concrete
 
@@ -68,15 +68,6 @@ OTHER_OPTIONS = ("dt0", "trace_capacity")
 
 
 # -- tableaus -----------------------------------------------------------------------------------
-def _pair(c: tuple[float, ...]) -> tuple[int, int] | None:
-    """The last two stages with equal ``c`` (Dormand–Prince, Tsit5: 0-based 5 and 6)."""
-    for p in range(len(c) - 1, 0, -1):
-        for q in range(p - 1, -1, -1):
-            if c[p] == c[q]:
-                return (q, p)
-    return None
-
-
 @functools.cache
 def native_tableau(name: str) -> Tableau:
     """A :class:`Tableau` holding the coefficients diffrax's own ``name`` solver runs."""
@@ -86,7 +77,7 @@ def native_tableau(name: str) -> Tableau:
     a = ((), *(tuple(float(x) for x in row) for row in tab.a_lower))
     return Tableau(name, order=int(cls().order(None)), c=c, a=a,
                    b=tuple(float(x) for x in tab.b_sol),
-                   b_error=tuple(float(x) for x in tab.b_error), stiffness_pair=_pair(c))
+                   b_error=tuple(float(x) for x in tab.b_error), stiffness_pair=equal_c_pair(c))
 
 
 def to_diffrax(tab: Tableau) -> dfx.ButcherTableau:

@@ -59,7 +59,7 @@ from regnde.errors import (
 )
 from regnde.plugins.hookspecs import hookimpl
 from regnde.regularizers import evaluate
-from regnde.tableau import Tableau
+from regnde.tableau import Tableau, equal_c_pair
 from regnde.trace import Solution, Stats, StepResult, Trace
 
 # torchdiffeq._impl.__init__ shadows the module ``odeint`` with the function of that name.
@@ -102,20 +102,11 @@ def to_torchdiffeq(tab: Tableau) -> _ButcherTableau:
     )
 
 
-def _pair(td: _ButcherTableau) -> tuple[int, int] | None:
-    """The last two stages with equal ``c`` (Dormand–Prince: stages 6 and 7, 1-based)."""
-    c = [0.0, *(float(x) for x in td.alpha)]
-    for p in range(len(c) - 1, 0, -1):
-        for q in range(p - 1, -1, -1):
-            if c[p] == c[q]:
-                return (q, p)
-    return None
-
-
 @functools.cache
 def native_tableau(name: str) -> Tableau:
     cls = _ORIGINAL[NATIVE[name]]
-    return to_regnde(name, cls.tableau, cls.order, _pair(cls.tableau), cls.mid)
+    c = [0.0, *(float(x) for x in cls.tableau.alpha)]
+    return to_regnde(name, cls.tableau, cls.order, equal_c_pair(c), cls.mid)
 
 
 # -- randomness -------------------------------------------------------------------------------
