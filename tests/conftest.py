@@ -25,3 +25,15 @@ def registry() -> Registry:
         yield fresh
     finally:
         set_registry(old)
+
+
+@pytest.fixture
+def one_thread_float32():
+    """For the experiments, which train in float32: one thread and float32 as torch's default
+    for the test, restored afterwards."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)

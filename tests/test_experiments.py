@@ -33,15 +33,7 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_float32():
-    """The experiments train in float32 (conftest makes float64 the default elsewhere)."""
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("one_thread_float32")
 
 
 def tiny_args(experiment: str, out: Path, regularizer: str = "none", *extra: str) -> list[str]:

@@ -22,15 +22,7 @@ from regnde.experiments.cli import main
 TINY = {"hidden": "8", "n_train": "64", "n_eval": "32", "batch_size": "32"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_float32():
-    """The experiments train in float32 (conftest makes float64 torch's default elsewhere)."""
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("one_thread_float32")
 
 
 def spec(out: Path, regularizer: str = "none", iters: int = 2, backend: str = "diffrax",

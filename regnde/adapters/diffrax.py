@@ -385,7 +385,23 @@ def _stop(tree: Any) -> Any:
     return jtu.tree_map(lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
 
 
-class JaxRun:
+class CapturedStates:
+    """``Run.state_at`` for JAX runs: the dense-output state captured during the solve for a
+    presampled ``tau``, else the subclass's ``_from_trace``; constant unless asked."""
+
+    captured: dict[int, Any]
+
+    def state_at(self, tau: Any, differentiable: bool = False) -> jax.Array:
+        u = self.captured.get(id(tau))
+        if u is None:
+            u = self._from_trace(tau, differentiable)
+        return u if differentiable else jax.lax.stop_gradient(u)
+
+    def _from_trace(self, tau: Any, differentiable: bool) -> jax.Array:
+        raise NotImplementedError
+
+
+class JaxRun(CapturedStates):
     """The :class:`regnde.backend.Run` of a diffrax solve (user's time direction)."""
 
     def __init__(self, *, trace: Trace, t0: Any, t1: Any, sensitivity: str, tableau: Tableau,
@@ -425,12 +441,6 @@ class JaxRun:
         if value is None:
             raise ValueError(f"{reg!r} was not integrated along this solve.")
         return value
-
-    def state_at(self, tau: Any, differentiable: bool = False) -> jax.Array:
-        u = self.captured.get(id(tau))
-        if u is None:
-            u = self._from_trace(tau, differentiable)
-        return u if differentiable else jax.lax.stop_gradient(u)
 
     def _from_trace(self, tau: Any, differentiable: bool) -> jax.Array:
         tr = self.trace

@@ -44,6 +44,7 @@ import lineax as lx
 
 from regnde.adapters.diffrax import (
     CONTROLLER_OPTIONS,
+    CapturedStates,
     JaxKey,
     RecordingSolver,
     _attach_errors,
@@ -302,7 +303,7 @@ def sde_step(solver: dfx.HalfSolver, terms: Any, t0: Any, t1: Any, y: Any,
 
 
 # -- the Run regularizers see ----------------------------------------------------------------------
-class SdeRun:
+class SdeRun(CapturedStates):
     """The :class:`regnde.backend.Run` of a diffrax SDE solve: the same terms (Brownian path
     included), solver and controller as the solve. ``tableau`` is ``None``."""
 
@@ -334,12 +335,6 @@ class SdeRun:
         init, per = _drift_evals(self.method)
         self.nfe = self.nfe + jnp.where(j > 0, init + j * per, 0)
         return y
-
-    def state_at(self, tau: Any, differentiable: bool = False) -> jax.Array:
-        u = self.captured.get(id(tau))
-        if u is None:
-            u = self._from_trace(tau, differentiable)
-        return u if differentiable else jax.lax.stop_gradient(u)
 
     def _from_trace(self, tau: Any, differentiable: bool) -> jax.Array:
         tr = self.trace
