@@ -6,28 +6,34 @@ from typing import Any
 
 
 def regularize(regularizer: Any, key: Any = None, trace: str = "summary",
-               max_steps: int = 4096) -> Any:
+               max_steps: int | None = None) -> Any:
     """Regularize unchanged ``torchdiffeq.odeint`` / ``odeint_adjoint`` calls::
 
         with regnde.regularize(regnde.regularizers.LocalError(), key=0) as reg:
             ys = torchdiffeq.odeint(func, y0, t, method="dopri5")
         loss = task_loss(ys) + lam * reg.value
 
-    ``ys`` is identical to the same call outside the block. ``reg.value`` is the differentiable
-    regularizer, summed over the solves inside (the first uses ``key``, later ones keys derived
-    from it and their index); ``reg.stats`` sums their counts. Blocks are per thread; in nested
-    blocks a solve counts for the innermost one; solves run by a backward pass are not counted.
+    ``ys`` is identical to the same call outside the block, and so are the exceptions it
+    raises (regnde's are instances of the host's type too) and, while ``reg.value`` is not
+    used, the gradients. ``reg.value`` is the differentiable regularizer, summed over the
+    solves inside (the first uses ``key``, later ones keys derived from it and their index);
+    ``reg.stats`` sums their counts. Blocks are per thread; in nested blocks a solve counts for
+    the innermost one; solves run by a backward pass are not counted. A call that cannot be
+    regularized (a fixed-step method, ``scipy_solver``, a single output time, a solve on
+    another thread, no solve at all) is announced once with a ``UserWarning`` and contributes
+    0; ``reg.value`` is then a zero tensor, never ``None``. See docs/dropin.md.
 
     Args:
         regularizer: a regnde regularizer or a registered name.
         key: int seed, ``torch.Generator`` or ``None``.
         trace: ``"summary"`` (default: no states kept) or ``"full"``.
-        max_steps: limit on all steps of each solve inside the block.
+        max_steps: limit on all steps of each solve inside the block; ``None`` (default):
+            none beyond the host library's own.
     """
     from regnde.plugins.manager import registry
 
     backend = registry().backend("torchdiffeq")
     from regnde.validate import check_options
 
-    check_options("direct", trace, max_steps, 1.0, 1.0)
+    check_options("direct", trace, 1 if max_steps is None else max_steps, 1.0, 1.0)
     return backend.regularize(regularizer, key=key, trace=trace, max_steps=max_steps)

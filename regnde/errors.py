@@ -99,3 +99,32 @@ def batch_not_divisible(batch_size: int, world_size: int, unit: str = "processes
         f"batch. Use a batch size that is a multiple of {world_size} (e.g. "
         f"{' or '.join(map(str, near))}) or {fix}."
     )
+
+
+# -- the drop-in (``regnde.regularize``): what it cannot regularize, said once per block --------
+def dropin_not_regularized(what: str) -> str:
+    return (
+        f"regnde.regularize: {what}; that call is not regularized (its output is unchanged). "
+        f"reg.value counts only the solves that could be regularized (0 if none)."
+    )
+
+
+def dropin_fixed_step(method: str) -> str:
+    return dropin_not_regularized(
+        f"method {method!r} takes fixed steps and has no error estimate to regularize; use an "
+        f"adaptive method (dopri5, tsit5, bosh3, ...) to regularize it"
+    )
+
+
+def dropin_no_solve(host: str) -> str:
+    return (
+        f"regnde.regularize: no {host} solve ran inside the block, so reg.value is 0. Call "
+        f"the solver inside the `with` block, on the same thread."
+    )
+
+
+def dropin_other_thread(host: str) -> str:
+    return dropin_not_regularized(
+        f"a {host} solve ran on a thread with no open block while a block is open on another "
+        f"thread (blocks are per thread); open regnde.regularize on the thread that solves"
+    )

@@ -33,8 +33,10 @@ import functools
 import importlib
 import inspect
 import sys
+import threading
+import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -53,6 +55,10 @@ from regnde.errors import (
     MaxStepsExceeded,
     NonFiniteError,
     StepSizeUnderflow,
+    dropin_fixed_step,
+    dropin_no_solve,
+    dropin_not_regularized,
+    dropin_other_thread,
     max_steps_exceeded,
     non_finite_f,
     underflow,
@@ -79,6 +85,19 @@ SOLVER_OPTIONS = ("first_step", "min_step", "max_step", "step_t", "jump_t", "saf
                   "dfactor", "max_num_steps", "dtype", "norm")
 ADJOINT_OPTIONS = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options",
                    "adjoint_params")
+
+
+# -- errors, as torchdiffeq's own ----------------------------------------------------------------
+class Underflow(StepSizeUnderflow, AssertionError):
+    """regnde's :class:`StepSizeUnderflow`, and torchdiffeq's own ``AssertionError``."""
+
+
+class NonFinite(NonFiniteError, AssertionError):
+    """regnde's :class:`NonFiniteError`; torchdiffeq fails there with an ``AssertionError``."""
+
+
+class TooManySteps(MaxStepsExceeded, AssertionError):
+    """regnde's :class:`MaxStepsExceeded`, and torchdiffeq's ``max_num_steps`` assertion."""
 
 
 # -- tableaus ---------------------------------------------------------------------------------
@@ -282,9 +301,11 @@ class Recorder:
     ``defer``, evaluates the regularizer in :meth:`finish` once the integrals are known."""
 
     def __init__(self, solver: Any, *, regularizer: Any, key: TorchKey, sensitivity: str,
-                 trace: str, max_steps: int, grad: bool, layout: Layout | None = None,
-                 defer: bool = False):
+                 trace: str, max_steps: int | None, grad: bool, layout: Layout | None = None,
+                 defer: bool = False, host_grads: bool = False):
         self.solver = solver
+        #: the drop-in keeps torchdiffeq's own arithmetic, step sizes' gradients included
+        self.host_grads = host_grads
         self.counter: _Counting = solver.func
         self.regularizer, self.key, self.sensitivity = regularizer, key, sensitivity
         self.trace_mode, self.max_steps, self.grad = trace, max_steps, grad
@@ -304,6 +325,7 @@ class Recorder:
         self.presampled: dict[Any, Any] = {}
         self.value: Any = None
         self.on_end: Callable[[Recorder], None] | None = None
+        self.on_skip: Callable[[str, torch.Tensor], None] | None = None
         self.layout, self.defer = layout, defer
         self.integrals: dict[int, torch.Tensor] = {}
         if layout is None:
@@ -322,6 +344,21 @@ class Recorder:
         """``t``: the output times in solver time (increasing)."""
         self.t_end = t[-1]
         self.t0, self.t1 = t[0].detach(), t[-1].detach()
+        self.presample()
+
+    def skipped(self, why: str) -> None:
+        """This solve cannot be regularized (``why``); the drop-in announces it."""
+        if self.on_skip is not None:
+            self.on_skip(dropin_not_regularized(why), self.solver.y0)
+        self.solver = None
+
+    def begin_event(self, t0: torch.Tensor) -> None:
+        """An event solve: the end is the event time, known only at :meth:`end`; sampled times
+        are drawn then, and states at them come from the recorded steps."""
+        self.t0 = self.t1 = t0.detach()
+        self.keep_states = True
+
+    def presample(self) -> None:
         if self.regularizer is not None:
             user_t0, user_t1 = self.to_solver(self.t0), self.to_solver(self.t1)
             self.presampled = self.regularizer.presample(user_t0, user_t1, self.key)
@@ -329,8 +366,8 @@ class Recorder:
 
     def attempt(self, t0: torch.Tensor) -> None:
         self.attempts += 1
-        if self.attempts > self.max_steps:
-            raise MaxStepsExceeded(max_steps_exceeded(
+        if self.max_steps is not None and self.attempts > self.max_steps:
+            raise TooManySteps(max_steps_exceeded(
                 self.max_steps, float(self.to_solver(t0)), float(self.to_solver(self.t1))))
 
     def accept(self, t0: torch.Tensor, dt: torch.Tensor, y0: torch.Tensor, error: torch.Tensor,
@@ -338,8 +375,8 @@ class Recorder:
         lay = self.layout
         if lay is not None:
             y0, k = lay.y(y0), lay.stages(k)
-        self.ts.append(t0)
-        self.dts.append(dt)
+        self.ts.append(t0.detach())
+        self.dts.append(dt.detach())
         self.errors.append(error)
         if self.keep_states:
             self.ys.append(y0 if self.trace_mode == "full" else y0.detach())
@@ -351,7 +388,11 @@ class Recorder:
                 u = _interp_evaluate(interp_coeff, t0, t1, tau)
                 self.captured[pid] = u if lay is None else lay.y(u)
 
-    def end(self) -> None:
+    def end(self, event_t: torch.Tensor | None = None) -> None:
+        """The solve returned (``event_t``: an event solve's end, in solver time)."""
+        if event_t is not None:
+            self.t_end, self.t1 = event_t, event_t.detach()
+            self.presample()
         n = len(self.ts)
         t = torch.stack(self.ts)
         taken = torch.stack(self.dts)
@@ -465,7 +506,7 @@ class _RecordingMixin:
     generic: bool = False
 
     def __init__(self, func: Any, y0: torch.Tensor, rtol: Any, atol: Any, **kwargs: Any):
-        ctx = SCOPE.active()
+        ctx = _context()
         if ctx is not None:
             func = _Counting(func)
         super().__init__(func=func, y0=y0, rtol=rtol, atol=atol, **kwargs)  # type: ignore[call-arg]
@@ -476,10 +517,23 @@ class _RecordingMixin:
         rec = self._rec
         if rec is None:
             return super().integrate(t)  # type: ignore[misc]
+        if len(t) < 2:  # torchdiffeq answers y0: nothing was integrated
+            self._rec = None
+            rec.skipped(f"odeint with a single output time (t={t.tolist()}) integrates nothing")
+            return super().integrate(t)  # type: ignore[misc]
         rec.begin(t.to(self.dtype))  # type: ignore[attr-defined]
         solution = super().integrate(t)  # type: ignore[misc]
         rec.end()
         return solution
+
+    def integrate_until_event(self, t0: torch.Tensor, event_fn: Any) -> Any:
+        rec = self._rec
+        if rec is None:
+            return super().integrate_until_event(t0, event_fn)  # type: ignore[misc]
+        rec.begin_event(t0.to(self.dtype))  # type: ignore[attr-defined]
+        event_t, solution = super().integrate_until_event(t0, event_fn)  # type: ignore[misc]
+        rec.end(event_t=event_t.to(self.dtype))  # type: ignore[attr-defined]
+        return event_t, solution
 
     def _adaptive_step(self, rk_state: Any) -> Any:
         if self._rec is None and not self.generic:
@@ -494,13 +548,15 @@ class _RecordingMixin:
         y0, f0, _, t0, dt, interp_coeff = rk_state
         if not torch.isfinite(dt):
             dt = s.min_step
-        dt = dt.clamp(s.min_step, s.max_step).detach()
+        dt = dt.clamp(s.min_step, s.max_step)
+        if rec is None or not rec.host_grads:
+            dt = dt.detach()
         s.func.callback_step(t0, y0, dt)
         t1 = t0 + dt
         if not t0 + dt > t0:
-            raise StepSizeUnderflow(underflow(float(t0), float(dt)))
+            raise Underflow(underflow(float(t0), float(dt)))
         if not torch.isfinite(y0).all():
-            raise NonFiniteError(non_finite_f(float(t0)))
+            raise NonFinite(non_finite_f(float(t0)))
         if rec is not None:
             rec.attempt(t0)
 
@@ -524,7 +580,7 @@ class _RecordingMixin:
         error_ratio = _td_misc._compute_error_ratio(y1_error, s.rtol, s.atol, y0, y1, s.norm)
         accept_step = error_ratio <= 1
         if not accept_step and torch.isnan(error_ratio):  # NaN is never accepted
-            raise NonFiniteError(non_finite_f(float(t0)))
+            raise NonFinite(non_finite_f(float(t0)))
         if dt > s.max_step:
             accept_step = False
         if dt <= s.min_step:
@@ -600,34 +656,70 @@ def _recording_class(td_name: str) -> type:
     return _RECORDING[td_name]
 
 
+_ANNOUNCING: dict[str, type] = {}
+
+
+def _announcing_class(td_name: str) -> type:
+    """torchdiffeq's own class for a method regnde cannot regularize (fixed-step methods,
+    ``scipy_solver``): it runs unchanged, and a drop-in block says so once."""
+    if td_name not in _ANNOUNCING:
+        base = _ORIGINAL[td_name]
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            ctx = _context()
+            if ctx is not None:
+                ctx.unregularizable(td_name)
+            base.__init__(self, *args, **kwargs)
+
+        _ANNOUNCING[td_name] = type(f"Announcing{base.__name__}", (base,),
+                                    {"__init__": __init__})
+    return _ANNOUNCING[td_name]
+
+
+_SAVED: list[dict[str, Any]] = []
+
+
 def _install() -> None:
-    """Recording subclasses of torchdiffeq's own methods, and every registered tableau
-    torchdiffeq lacks (these stay after restore: they add names, change none)."""
+    """Recording subclasses of torchdiffeq's own adaptive methods, announcing ones of the rest,
+    and every registered tableau torchdiffeq lacks; :func:`_restore` puts the table back as it
+    was, so nothing of regnde's stays in torchdiffeq once the last context closes."""
     from regnde.plugins.manager import registry
 
-    for td_name in NATIVE.values():
-        SOLVERS[td_name] = _recording_class(td_name)
+    _SAVED.append(dict(SOLVERS))
+    adaptive = set(NATIVE.values())
+    for td_name in _ORIGINAL:
+        SOLVERS[td_name] = (_recording_class(td_name) if td_name in adaptive
+                            else _announcing_class(td_name))
     for name, tab in registry().tableaus().items():
         if name not in NATIVE:
-            install_tableau(tab)
+            SOLVERS[td_method_name(tab)] = _tableau_class(tab)
 
 
 def _restore() -> None:
-    for td_name in NATIVE.values():
-        SOLVERS[td_name] = _ORIGINAL[td_name]
+    SOLVERS.clear()
+    SOLVERS.update(_SAVED.pop())
 
 
 SCOPE = RecordingScope(_install, _restore)
 
 
-def install_tableau(tab: Tableau) -> str:
-    """Make a registered tableau a torchdiffeq method; returns its torchdiffeq name."""
-    existing = SOLVERS.get(tab.name)
-    if existing is not None and getattr(existing, "regnde_tableau", None) == tab:
-        return tab.name
-    name = tab.name if tab.name not in _ORIGINAL else f"regnde_{tab.name}"
-    SOLVERS[name] = tableau_solver(tab)
-    return name
+def _context() -> Any:
+    """The innermost regnde context of this thread; warns once when a drop-in block is open
+    on another thread only (blocks are per thread, so this solve is not regularized)."""
+    ctx = SCOPE.active()
+    if ctx is None and Block.open_elsewhere():
+        warnings.warn(dropin_other_thread("torchdiffeq"), UserWarning, stacklevel=4)
+    return ctx
+
+
+@functools.cache
+def _tableau_class(tab: Tableau) -> type:
+    return tableau_solver(tab)
+
+
+def td_method_name(tab: Tableau) -> str:
+    """The name a registered tableau runs under in torchdiffeq's solver table."""
+    return tab.name if tab.name not in _ORIGINAL else f"regnde_{tab.name}"
 
 
 class _SolveContext:
@@ -637,6 +729,9 @@ class _SolveContext:
                  layout: Layout | None = None):
         self.request, self.grad, self.key, self.layout = request, grad, key, layout
         self.recorder: Recorder | None = None
+
+    def unregularizable(self, td_name: str) -> None:
+        """A fixed-step torchdiffeq solve inside ``f``: not this solve's business."""
 
     def recorder_for(self, solver: Any) -> Recorder | None:
         if self.recorder is not None:
@@ -651,11 +746,21 @@ class _SolveContext:
 
 class Block:
     """The drop-in: ``with regnde.regularize(reg, key=0) as r:`` around unchanged torchdiffeq
-    calls. ``r.value`` sums the regularizer over the solves inside (``None`` before any);
-    ``r.stats`` sums their counts; ``r.traces`` lists their traces."""
+    calls. ``r.value`` sums the regularizer over the solves inside (``None`` until the first;
+    a zero tensor when nothing could be regularized, which the block announces with a
+    ``UserWarning`` once per cause); ``r.stats`` sums their counts; ``r.traces`` lists their
+    traces.
+
+    The host's behaviour is kept: outputs, exceptions (regnde's are also instances of the
+    ``AssertionError`` torchdiffeq raises), step limits (none beyond torchdiffeq's own unless
+    ``max_steps`` is given) and, while ``r.value`` stays out of the loss, gradients: the
+    recording leaves torchdiffeq's arithmetic alone, step sizes' gradients included."""
+
+    _open_lock: ClassVar[threading.Lock] = threading.Lock()
+    _open: ClassVar[dict[int, int]] = {}  # thread id -> open blocks
 
     def __init__(self, regularizer: Any, key: Any = None, trace: str = "summary",
-                 max_steps: int = 4096):
+                 max_steps: int | None = None):
         from regnde.regularizers import as_regularizer
 
         self.regularizer = as_regularizer(regularizer)
@@ -673,18 +778,46 @@ class Block:
         self.stats = Stats()
         self.traces: list[Trace] = []
         self.n_solves = 0
+        self._announced: set[str] = set()
+        self._attempted = False  # a solve reached the block (even one that then raised)
         self._cm: Any = None
 
+    @classmethod
+    def open_elsewhere(cls) -> bool:
+        """Whether a block is open on another thread and none on this one."""
+        me = threading.get_ident()
+        with cls._open_lock:
+            return not cls._open.get(me) and any(n for t, n in cls._open.items() if t != me)
+
     def recorder_for(self, solver: Any) -> Recorder:
+        self._attempted = True
         sensitivity = "adjoint" if _inside_adjoint_forward() else "direct"
         self.regularizer.check(sensitivity=sensitivity, tableau=solver.regnde_tableau,
                                backend="torchdiffeq")
         key = self.key if self.n_solves == 0 else self.key.fold(self.n_solves)
         self.n_solves += 1
         rec = Recorder(solver, regularizer=self.regularizer, key=key, sensitivity=sensitivity,
-                       trace=self.trace_mode, max_steps=self.max_steps, grad=True)
+                       trace=self.trace_mode, max_steps=self.max_steps, grad=True,
+                       host_grads=True)
         rec.on_end = self._collect
+        rec.on_skip = self.announce
         return rec
+
+    def unregularizable(self, td_name: str) -> None:
+        what = (dropin_not_regularized("scipy_solver runs outside torch and has no steps to "
+                                       "record") if td_name == "scipy_solver"
+                else dropin_fixed_step(td_name))
+        self.announce(what, None)
+
+    def announce(self, message: str, like: torch.Tensor | None) -> None:
+        """Say once per block why something was not regularized; ``value`` becomes a zero
+        tensor (of ``like``'s dtype and device) if nothing was regularized yet."""
+        if message not in self._announced:
+            self._announced.add(message)
+            warnings.warn(message, UserWarning, stacklevel=5)
+        if self.value is None:
+            self.value = (torch.zeros((), dtype=like.dtype, device=like.device)
+                          if like is not None and like.is_floating_point() else torch.zeros(()))
 
     def _collect(self, rec: Recorder) -> None:
         self.value = rec.value if self.value is None else self.value + rec.value
@@ -695,10 +828,20 @@ class Block:
     def __enter__(self) -> Block:
         self._cm = SCOPE.opened(self)
         self._cm.__enter__()
+        me = threading.get_ident()
+        with Block._open_lock:
+            Block._open[me] = Block._open.get(me, 0) + 1
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        me = threading.get_ident()
+        with Block._open_lock:
+            Block._open[me] -= 1
+            if not Block._open[me]:
+                del Block._open[me]
         self._cm.__exit__(*exc)
+        if exc[0] is None and not self._attempted and self.value is None:
+            self.announce(dropin_no_solve("torchdiffeq"), None)
 
 
 # -- the backend ---------------------------------------------------------------------------------
@@ -729,7 +872,7 @@ class TorchdiffeqBackend(Backend):
         if method in NATIVE:
             return NATIVE[method]
         assert tableau is not None
-        return install_tableau(tableau)
+        return td_method_name(tableau)
 
     def solve(self, request: SolveRequest) -> Solution:
         r = request
@@ -769,7 +912,7 @@ class TorchdiffeqBackend(Backend):
         return Solution(ys=ys, reg=rec.value, stats=rec.stats, trace=rec.trace)
 
     def regularize(self, regularizer: Any, key: Any = None, trace: str = "summary",
-                   max_steps: int = 4096) -> Block:
+                   max_steps: int | None = None) -> Block:
         return Block(regularizer, key=key, trace=trace, max_steps=max_steps)
 
     def step(self, request: StepRequest) -> StepResult:
