@@ -116,14 +116,21 @@ def _has_method(backend: str, method: str) -> bool:
     )
 
 
+def default_tolerances(b: Backend, sde: bool, rtol: Any, atol: Any) -> tuple[Any, Any]:
+    """``(rtol, atol)`` with ``None`` replaced by the backend's defaults for ODEs or SDEs
+    (:attr:`Backend.ode_tolerances`, :attr:`Backend.sde_tolerances`)."""
+    default = b.sde_tolerances if sde else b.ode_tolerances
+    return (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
+
+
 def solve(
     f: Any,
     y0: Any,
     t: Any,
     backend: str | None = None,
     method: str | None = None,
-    rtol: float = 1e-6,
-    atol: float = 1e-6,
+    rtol: float | None = None,
+    atol: float | None = None,
     sensitivity: str = "direct",
     regularizer: Any = None,
     key: Any = None,
@@ -141,8 +148,9 @@ def solve(
         t: ``(T,)`` strictly monotonic output times; decreasing solves backwards in time.
         backend: a registered backend name; ``None`` infers it from ``y0``.
         method: a method of that backend (see :func:`methods`); ``None``: its default.
-        rtol, atol: tolerances of the step-size controller, passed to every backend (torchsde
-            too, whose own defaults are rtol=1e-5, atol=1e-4; SDEs usually need looser ones).
+        rtol, atol: tolerances of the step-size controller; ``None``: the backend's defaults
+            (:func:`default_tolerances`): 1e-6/1e-6 for ODEs on every backend, 1e-5/1e-4 for
+            SDEs (torchsde's own), so switching backends never changes the accuracy asked for.
         sensitivity: ``"direct"`` (backpropagate through the solver) or ``"adjoint"``.
         regularizer: a regnde regularizer or ``None``.
         key: randomness for samplers: int seed, ``torch.Generator``, JAX PRNG key or ``None``.
@@ -162,6 +170,7 @@ def solve(
     check_times(t, y0)
     check_state(y0)
     name, tableau = resolve_method(b, method, sde=is_sde(f))
+    rtol, atol = default_tolerances(b, is_sde(f), rtol, atol)
     if sensitivity not in b.sensitivities:
         raise ValueError(choices(f"sensitivity of backend {b.name!r}", sensitivity,
                                  b.sensitivities))
@@ -194,8 +203,8 @@ def step(
     backend: str | None = None,
     method: str | None = None,
     dt: Any = None,
-    rtol: float = 1e-6,
-    atol: float = 1e-6,
+    rtol: float | None = None,
+    atol: float | None = None,
     **options: Any,
 ) -> StepResult:
     """One step of ``method`` from ``(t, y)``.
@@ -212,5 +221,6 @@ def step(
     b = resolve_backend(backend, f, y)
     check_state(y)
     name, tableau = resolve_method(b, method, sde=is_sde(f))
+    rtol, atol = default_tolerances(b, is_sde(f), rtol, atol)
     return b.step(StepRequest(f=f, t=t, y=y, method=name, tableau=tableau, dt=dt, rtol=rtol,
                               atol=atol, options=dict(options)))

@@ -122,8 +122,8 @@ class SolveRequest:
     t: Any
     method: str
     tableau: Tableau | None
-    rtol: float
-    atol: float
+    rtol: Any
+    atol: Any
     sensitivity: str
     regularizer: Any
     key: Any
@@ -142,8 +142,8 @@ class StepRequest:
     method: str
     tableau: Tableau | None
     dt: Any
-    rtol: float
-    atol: float
+    rtol: Any
+    atol: Any
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -170,6 +170,11 @@ class Backend(ABC):
     sde: ClassVar[bool] = False
     default_method: ClassVar[str | None] = "dopri5"
     augments: ClassVar[bool] = False
+    #: ``(rtol, atol)`` when the user passes ``None``: the same on every backend, so that
+    #: switching backends never changes the accuracy asked for.
+    ode_tolerances: ClassVar[tuple[float, float]] = (1e-6, 1e-6)
+    #: for SDEs: torchsde's own defaults, which adaptive step doubling can meet.
+    sde_tolerances: ClassVar[tuple[float, float]] = (1e-5, 1e-4)
 
     @abstractmethod
     def native_methods(self) -> Mapping[str, Tableau | None]:

@@ -37,11 +37,26 @@ def choices(kind: str, given: object, valid: Iterable[str], hint: str = "") -> s
     return f"{msg} {hint}".rstrip()
 
 
-def max_steps_exceeded(max_steps: int, t: float, t_end: float) -> str:
+def plugin_unavailable(kind: str, name: str, culprits: dict[str, str], hint: str) -> str:
+    why = "; ".join(f"plugin {p!r} {cause}" for p, cause in sorted(culprits.items()))
+    return (f"{kind} {name!r} is not available: {why}. {hint or 'Install what it needs.'}"
+            ).strip()
+
+
+def max_steps_exceeded(max_steps: int, t: float, t_end: float, rtol: object = None,
+                       atol: object = None) -> str:
+    tols = "" if rtol is None else f" at rtol={float(rtol):g}, atol={float(atol):g}"  # type: ignore[arg-type]
     return (
-        f"the solver used more than max_steps={max_steps} steps (accepted and rejected) and "
-        f"reached t={t:.6g} of t_end={t_end:.6g}; the problem may be stiff or the tolerances "
-        f"too tight: raise max_steps, loosen rtol/atol, or regularize the model."
+        f"the solver used more than max_steps={max_steps} steps (accepted and rejected){tols} "
+        f"and reached t={t:.6g} of t_end={t_end:.6g}; the problem may be stiff or the "
+        f"tolerances too tight: raise max_steps, loosen rtol/atol, or regularize the model."
+    )
+
+
+def vector_field_output(what: str, got: object, want: object) -> str:
+    return (
+        f"the vector field returned {what} {got} but the state has {what} {want}; f(t, y) must "
+        f"return dy/dt with the shape and dtype of y."
     )
 
 

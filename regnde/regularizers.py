@@ -111,14 +111,35 @@ class Regularizer(ABC):
         return NotImplemented
 
     def __mul__(self, coef: object) -> Regularizer:
-        if not isinstance(coef, (int, float)) or isinstance(coef, bool):
-            return NotImplemented
-        return Sum([(float(coef) * c, r) for c, r in self.terms()])
+        w = weight(coef)
+        return Sum([(w * c, r) for c, r in self.terms()])
 
     __rmul__ = __mul__
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def weight(coef: object) -> float:
+    """A term's weight as a float: a real number or a 0-d (one-element) tensor/array, finite
+    and ``>= 0``; anything else raises a ``TypeError``/``ValueError`` that says what to do."""
+    if isinstance(coef, bool) or not (
+            isinstance(coef, numbers.Real) or getattr(coef, "shape", None) in ((), (1,))):
+        raise TypeError(
+            f"a regularizer's weight must be a real number or a 0-d tensor/array, got "
+            f"{coef!r} ({type(coef).__name__}). For other coefficients multiply the value "
+            f"instead: loss + lam * sol.reg."
+        )
+    if not is_concrete(coef):  # a traced weight (jax.jit): its value is unknown until run
+        return coef  # type: ignore[return-value]
+    w = float(coef)  # type: ignore[arg-type]
+    if not (math.isfinite(w) and w >= 0):
+        raise ValueError(
+            f"a regularizer's weight must be finite and >= 0, got {w}: a negative weight would "
+            f"reward error and stiffness (more steps, not fewer). Use a positive weight, or "
+            f"drop the term."
+        )
+    return w
 
 
 class Sum(Regularizer):
@@ -127,7 +148,7 @@ class Sum(Regularizer):
     name = "sum"
 
     def __init__(self, terms: list[tuple[float, Regularizer]]):
-        self._terms = list(terms)
+        self._terms = [(weight(c), r) for c, r in terms]
 
     def terms(self) -> list[tuple[float, Regularizer]]:
         return list(self._terms)

@@ -7,6 +7,7 @@ code runs eagerly on torch and compiled on JAX.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -17,12 +18,51 @@ from regnde.plugins.hookspecs import hookimpl
 from regnde.trace import Array, Trace
 
 
+def as_key(key: Any, like: Array) -> Any:
+    """``key`` as a :class:`regnde.backend.Key`: a Key is returned as is; any other form
+    ``regnde.solve(key=...)`` takes (int seed, generator, PRNG key, ``None``) is converted by
+    the registered backend that owns ``like``'s arrays."""
+    if hasattr(key, "uniform") and hasattr(key, "fold"):
+        return key
+    from regnde.plugins.manager import registry
+
+    reg = registry()
+    for name in reg.names("backend"):
+        try:
+            backend = reg.backend(name)
+        except Exception:  # a broken plugin owns nothing
+            continue
+        if backend.owns(like):
+            return backend.make_key(key)
+    raise ValueError(
+        f"cannot make a sampling key from {key!r} for arrays of type "
+        f"{type(like).__module__}.{type(like).__name__}: no registered backend takes them. "
+        f"Pass t0/t1 as arrays of an installed backend (torch tensors, JAX arrays)."
+    )
+
+
 class Sampler(ABC):
     """Base class. ``needs_trace = False`` lets regnde draw ``tau`` before the solve, so the
-    solver records ``u(tau)`` from its own dense output at no extra cost."""
+    solver records ``u(tau)`` from its own dense output at no extra cost.
+
+    ``sample``'s ``key`` takes every form ``regnde.solve(key=...)`` takes: a subclass's
+    ``sample`` always receives a :class:`regnde.backend.Key` (converted by :func:`as_key`)."""
 
     name: ClassVar[str]
     needs_trace: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        inner = cls.__dict__.get("sample")
+        if inner is None or getattr(inner, "_regnde_keyed", False):
+            return
+
+        @functools.wraps(inner)
+        def sample(self: Sampler, trace: Trace | None, t0: Array, t1: Array, key: Any) -> Array:
+            return inner(self, trace, t0, t1, as_key(key, t0))
+
+        sample._regnde_keyed = True  # type: ignore[attr-defined]
+        cls.sample = sample  # type: ignore[method-assign]
 
     @abstractmethod
     def sample(self, trace: Trace | None, t0: Array, t1: Array, key: Any) -> Array:

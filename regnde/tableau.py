@@ -90,6 +90,13 @@ class Tableau:
             self._fail(f"order must be a positive integer, got {self.order!r}")
         if s < 1:
             self._fail("it needs at least one stage (len(c) >= 1)")
+        for field_name in ("c", "a", "b", "b_error", "mid"):
+            values = getattr(self, field_name)
+            flat = [x for row in values for x in row] if field_name == "a" else values or ()
+            bad = [x for x in flat if not math.isfinite(x)]
+            if bad:
+                self._fail(f"{field_name} holds non-finite values ({bad[0]!r}); every "
+                           f"coefficient must be a finite number")
         if abs(self.c[0]) > _TOL:
             self._fail(f"c[0] must be 0, got {self.c[0]}")
         if len(self.a) != s:
@@ -108,10 +115,12 @@ class Tableau:
             self._fail(f"sum(b) must be 1, got {math.fsum(self.b)!r}")
         if abs(math.fsum(self.b_error)) > _TOL:
             self._fail(f"sum(b_error) must be 0, got {math.fsum(self.b_error)!r}")
+        if all(abs(x) <= _TOL for x in self.b_error):
+            self._fail("b_error is all zero: the method would have no error estimate, so the "
+                       "step-size controller could never reject a step and GlobalError would "
+                       "be 0; give the embedded method's weights as b_error = b - b_hat")
         if self.mid is not None and len(self.mid) != s:
             self._fail(f"mid must have one entry per stage ({s}), got {len(self.mid)}")
-        if not all(math.isfinite(x) for x in (*self.c, *self.b, *self.b_error)):
-            self._fail("coefficients must be finite")
         if self.stiffness_pair is not None:
             p, q = self.stiffness_pair
             if not (0 <= p < s and 0 <= q < s and p != q):

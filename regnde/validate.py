@@ -29,11 +29,24 @@ def check_options(sensitivity: str, trace: str, max_steps: Any, rtol: Any, atol:
         raise ValueError(choices("trace mode", trace, TRACE_MODES))
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
-    for name, tol in (("rtol", rtol), ("atol", atol)):
-        if isinstance(tol, (int, float)) and (not math.isfinite(tol) or tol < 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {tol!r}.")
-    if isinstance(rtol, (int, float)) and isinstance(atol, (int, float)) and rtol == atol == 0:
+    values = [tolerance(name, tol) for name, tol in (("rtol", rtol), ("atol", atol))]
+    if values[0] == values[1] == 0:
         raise ValueError("rtol and atol cannot both be 0: the error could never be accepted.")
+
+
+def tolerance(name: str, tol: Any) -> float | None:
+    """The value of a tolerance given as a number or a 0-d tensor/array (``None`` for ``None``
+    and for values unknown at trace time); ``ValueError`` unless finite and ``>= 0``."""
+    if tol is None or not is_concrete(tol):
+        return None
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float))
+                                     or getattr(tol, "shape", None) in ((), (1,))):
+        raise ValueError(f"{name} must be a number (or a 0-d tensor/array), got {tol!r}.")
+    value = float(tol)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {tol!r}; typical values "
+                         f"are 1e-3 (loose) to 1e-8 (tight).")
+    return value
 
 
 def check_times(t: Any, y0: Any) -> None:
@@ -50,6 +63,10 @@ def check_times(t: Any, y0: Any) -> None:
         raise ValueError(
             f"t must be a 1-D array of at least two output times, got shape {tuple(t.shape)}."
         )
+    check_floating(y0)
+    finite = xp.all(xp.isfinite(t)) if is_concrete(t) else None
+    if finite is not None and is_concrete(finite) and not bool(finite):
+        raise ValueError(f"t must be finite, got t = {t!r} (it holds NaN or Inf).")
     if t.dtype != y0.dtype:
         raise ValueError(
             f"t has dtype {t.dtype} but y0 has dtype {y0.dtype}; convert t to y0's dtype."
@@ -67,11 +84,20 @@ def check_times(t: Any, y0: Any) -> None:
             "t must be strictly increasing or strictly decreasing (a decreasing t solves "
             f"backwards in time); got t = {t!r}."
         )
-    if not bool(xp.all(xp.isfinite(t))):
-        raise ValueError(f"t must be finite, got {t!r}.")
+
+
+def check_floating(y0: Any) -> None:
+    """``y0`` must have a floating-point dtype (ODE states are real or complex numbers)."""
+    xp = array_namespace(y0)
+    if not xp.isdtype(y0.dtype, ("real floating", "complex floating")):
+        raise ValueError(
+            f"y0 must be floating point, got dtype {y0.dtype}; convert it first "
+            f"(torch: y0.float() or y0.double(); JAX: y0.astype(jnp.float32))."
+        )
 
 
 def check_state(y0: Any) -> None:
+    check_floating(y0)
     if not is_concrete(y0):
         return
     xp = array_namespace(y0)

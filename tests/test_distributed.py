@@ -69,7 +69,8 @@ def reference(argv: list[str], keys: Any = None) -> tuple[dict[str, torch.Tensor
     """One process: per step, each rank's shard solved with that rank's key
     (``make_key(seed).fold(rank).fold(step)``), gradients averaged, one Adam step.
 
-    ``argv`` without ``--dropin`` (the reference always uses ``regnde.solve``); ``keys(r, step)``
+    ``argv`` as the distributed run's (with ``--dropin`` the shards run the drop-in too, whose
+    gradients are plain torchdiffeq's, not ``regnde.solve``'s); ``keys(r, step)``
     replaces the keys (to show that the comparison notices a wrong one). Returns the final
     parameters and, per step, the mean of loss, reg and NFE over ranks."""
     ex = example()
@@ -118,7 +119,7 @@ def test_two_ranks_match_per_shard_reference(tmp_path: Path, extra: list[str]) -
     saved = torch.load(out_file, weights_only=True)
     assert saved["world_size"] == WORLD
 
-    argv = [*COMMON, *(a for a in extra if a != "--dropin")]
+    argv = [*COMMON, *extra]
     params, history = reference(argv)
     initial = example()["make_model"](example()["parse_args"](argv)).func.state_dict()
     assert saved["params"].keys() == params.keys()

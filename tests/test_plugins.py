@@ -263,8 +263,12 @@ def test_hook_regnde_register_solvers(registry: Registry) -> None:
     # the same method through the plain torchdiffeq API under its own name
     import torchdiffeq
 
-    ys = torchdiffeq.odeint(f, y0, t, method="heun_euler", rtol=1e-5, atol=1e-5)
+    # (inside a regnde context; torchdiffeq's own table is restored once it closes)
+    with regnde.regularize(LocalError(), key=0):
+        ys = torchdiffeq.odeint(f, y0, t, method="heun_euler", rtol=1e-5, atol=1e-5)
     assert torch.equal(ys, sol.ys)
+    with pytest.raises(ValueError, match="heun_euler"):
+        torchdiffeq.odeint(f, y0, t, method="heun_euler")
 
 
 def test_hook_regnde_register_backends(registry: Registry) -> None:

@@ -25,6 +25,7 @@ that is not FSAL evaluates ``f(t1, y1)`` for it: one evaluation more per step).
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -44,6 +45,7 @@ from regnde.errors import (
     SolverError,
     max_steps_exceeded,
     max_steps_exceeded_compiled,
+    non_finite_f,
     non_finite_regularizer,
     trace_capacity_exceeded,
 )
@@ -293,6 +295,9 @@ class RecordingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
     #: the user's state ``y`` within the solver's state (``(y, r)`` of an augmented solve):
     #: errors, stiffness and probes look at ``y`` only.
     part: Callable[[Any], Any] = eqx.field(static=True, default=lambda y: y)
+    #: eager solves note the first trial step with non-finite values (the controller rejects
+    #: it, and the state rolls back), so that a solve that then runs out of steps can say why
+    watch: bool = eqx.field(static=True, default=False)
 
     @property
     def term_structure(self) -> Any:  # type: ignore[override]
@@ -336,6 +341,11 @@ class RecordingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
         inner, record = solver_state
         y1, y_error, dense, inner, result = self.solver.step(terms, t0, t1, y0, args, inner,
                                                              made_jump)
+        if self.watch:
+            bad = ~(jnp.all(jnp.isfinite(self.part(y1)))
+                    & jnp.all(jnp.isfinite(self.part(y_error))))
+            jax.lax.cond(bad, lambda: jax.debug.callback(_NONFINITE.note, t0),
+                         lambda: None)
         i = record["n"]
         new = dict(record)
         new["n"] = i + 1
@@ -704,7 +714,7 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
     # sampler that needs a state the solve did not announce (biased) gets it by a replay.
     keep_states = st.trace == "full"
     plain_solver = RecordingSolver(solver, tab, capacity, st.rtol, st.atol, controller.norm,
-                                   probe_ts)
+                                   probe_ts, watch=not st.traced)
     rec_solver = plain_solver if aug is None else aug.recording(plain_solver)
     aug_controller = controller if aug is None else aug.controller
     term = dfx.ODETerm(_VectorField(f_solve))
@@ -787,15 +797,42 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
 _solve_jit = eqx.filter_jit(_solve)
 
 
+class _FirstNonFinite:
+    """The time of the first trial step with non-finite values in the current eager solve
+    (set from compiled code by ``jax.debug.callback``)."""
+
+    def __init__(self) -> None:
+        self.t: float | None = None
+        self._lock = threading.Lock()
+
+    def note(self, t: Any) -> None:
+        with self._lock:
+            if self.t is None:
+                self.t = float(t)
+
+    def take(self) -> float | None:
+        with self._lock:
+            t, self.t = self.t, None
+        return t
+
+
+_NONFINITE = _FirstNonFinite()
+
+
 def _check_result_eager(out: dict[str, Any], st: _Static) -> None:
     """Raise regnde's own errors for a failed eager solve."""
     fail = out.pop("failure")
     result, n = fail["result"], int(fail["n"])
+    jax.effects_barrier()  # the debug callbacks of this solve have run
+    bad_t = _NONFINITE.take()
+    if bool(result != dfx.RESULTS.successful) and bad_t is not None:
+        raise NonFiniteError(non_finite_f(float(fail["direction"]) * bad_t))
     if bool(result == dfx.RESULTS.max_steps_reached):
         m = min(n, st.capacity)
         reached = (float(fail["direction"] * (fail["t"][m - 1] + fail["dt"][m - 1]))
                    if m else float("nan"))
-        raise MaxStepsExceeded(max_steps_exceeded(st.max_steps, reached, float(fail["t1"])))
+        raise MaxStepsExceeded(max_steps_exceeded(st.max_steps, reached, float(fail["t1"]),
+                                                  st.rtol, st.atol))
     if bool(result != dfx.RESULTS.successful):
         raise SolverError(f"diffrax's solve failed: {result}.")
     if n > st.capacity:

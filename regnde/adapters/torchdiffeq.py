@@ -49,6 +49,7 @@ from torchdiffeq._impl.rk_common import (
     _RungeKuttaState,
 )
 
+from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
 from regnde.adapters.torch_scope import RecordingScope
 from regnde.backend import Backend, SolveRequest, StepRequest
 from regnde.errors import (
@@ -128,79 +129,6 @@ def native_tableau(name: str) -> Tableau:
     return to_regnde(name, cls.tableau, cls.order, equal_c_pair(c), cls.mid)
 
 
-# -- randomness -------------------------------------------------------------------------------
-class TorchKey:
-    """A :class:`regnde.backend.Key` over torch: an int seed (pure: same key, same draws), a
-    ``torch.Generator`` (stateful), or ``None`` (torch's global generator)."""
-
-    def __init__(self, seed: int | None = None, generator: torch.Generator | None = None,
-                 path: tuple[int, ...] = ()):
-        self.seed, self.generator, self.path = seed, generator, path
-
-    def uniform(self, like: torch.Tensor) -> torch.Tensor:
-        if self.seed is not None:
-            # the path's length closes the entropy: SeedSequence pads with zeros, so without it
-            # fold(0) would draw what the key itself draws ([s, 0] and [s] hash alike)
-            entropy = [self.seed % 2**63, *self.path, len(self.path)] if self.path else [
-                self.seed % 2**63]
-            state = np.random.SeedSequence(entropy).generate_state(2)
-            g = torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
-            u = torch.rand((), generator=g, dtype=torch.float64)
-        elif self.generator is not None:
-            u = torch.rand((), generator=self.generator, dtype=torch.float64,
-                           device=self.generator.device)
-        else:
-            u = torch.rand((), dtype=torch.float64)
-        return u.to(dtype=like.dtype, device=like.device)
-
-    def _generator(self, salt: int, device: Any) -> torch.Generator | None:
-        if self.seed is not None:
-            seq = np.random.SeedSequence([self.seed % 2**63, *self.path, salt])
-            state = seq.generate_state(2)
-            return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
-        return self.generator
-
-    def normal(self, like: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise shaped like ``like`` (same key, same noise)."""
-        g = self._generator(1, like.device)
-        dev = g.device if g is not None else like.device
-        e = torch.randn(like.shape, generator=g, dtype=torch.float64, device=dev)
-        return e.to(dtype=like.dtype, device=like.device)
-
-    def rademacher(self, like: torch.Tensor) -> torch.Tensor:
-        """``+-1`` noise shaped like ``like`` (same key, same noise)."""
-        g = self._generator(2, like.device)
-        dev = g.device if g is not None else like.device
-        bits = torch.randint(0, 2, like.shape, generator=g, device=dev)
-        return (2 * bits - 1).to(dtype=like.dtype, device=like.device)
-
-    def fold(self, index: int) -> TorchKey:
-        if self.seed is not None:
-            return TorchKey(self.seed, path=(*self.path, index))
-        # a stateful source: draw a fresh seed, and keep ``index`` so that keys folded from
-        # identically seeded generators (one per rank, say) still differ by index
-        gen = self.generator
-        seed = torch.randint(0, 2**62, (), generator=gen, device=gen.device if gen else "cpu")
-        return TorchKey(int(seed), path=(index,))
-
-    def __repr__(self) -> str:
-        return f"TorchKey(seed={self.seed}, path={self.path})"
-
-
-def make_key(key: Any) -> TorchKey:
-    if isinstance(key, TorchKey):
-        return key
-    if key is None:
-        return TorchKey()
-    if isinstance(key, torch.Generator):
-        return TorchKey(generator=key)
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return TorchKey(int(key))
-    raise ValueError(
-        f"key must be an int seed, a torch.Generator or None on torch backends, got {key!r}."
-    )
-
-
 # -- the one RK step every path uses -----------------------------------------------------------
 def _stiffness_ratio(k: torch.Tensor, tab: Tableau, w: torch.Tensor) -> torch.Tensor:
     """``|k_p - k_q| / |sum_j w_j k_j|``: Shampine's estimate times ``|dt|`` (stages last).
@@ -244,14 +172,19 @@ def _device_tableau(td: _ButcherTableau, like: torch.Tensor) -> _ButcherTableau:
 
 
 class _Counting:
-    """Counts vector-field evaluations; forwards torchdiffeq's callbacks."""
+    """Counts vector-field evaluations; forwards torchdiffeq's callbacks. With ``check`` the
+    first evaluation's shape and dtype are checked against the state's."""
 
-    def __init__(self, func: Any):
-        self.func, self.n = func, 0
+    def __init__(self, func: Any, check: bool = False):
+        self.func, self.n, self.check = func, 0, check
 
     def __call__(self, t: Any, y: Any, **kw: Any) -> Any:
         self.n += 1
-        return self.func(t, y, **kw)
+        out = self.func(t, y, **kw)
+        if self.check:
+            self.check = False
+            check_field_output(out, y)
+        return out
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.func, name)
@@ -368,7 +301,8 @@ class Recorder:
         self.attempts += 1
         if self.max_steps is not None and self.attempts > self.max_steps:
             raise TooManySteps(max_steps_exceeded(
-                self.max_steps, float(self.to_solver(t0)), float(self.to_solver(self.t1))))
+                self.max_steps, float(self.to_solver(t0)), float(self.to_solver(self.t1)),
+                self.solver.rtol, self.solver.atol))
 
     def accept(self, t0: torch.Tensor, dt: torch.Tensor, y0: torch.Tensor, error: torch.Tensor,
                k: torch.Tensor, interp_coeff: list[torch.Tensor], t1: torch.Tensor) -> None:
@@ -507,8 +441,8 @@ class _RecordingMixin:
 
     def __init__(self, func: Any, y0: torch.Tensor, rtol: Any, atol: Any, **kwargs: Any):
         ctx = _context()
-        if ctx is not None:
-            func = _Counting(func)
+        if ctx is not None:  # the drop-in leaves bad output to torchdiffeq, as without it
+            func = _Counting(func, check=not isinstance(ctx, Block))
         super().__init__(func=func, y0=y0, rtol=rtol, atol=atol, **kwargs)  # type: ignore[call-arg]
         self.regnde_w = _diff_weights(self.regnde_tableau, y0)
         self._rec: Recorder | None = None if ctx is None else ctx.recorder_for(self)

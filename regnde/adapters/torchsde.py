@@ -11,9 +11,10 @@ Differences from calling torchsde directly (all documented choices):
 - regnde passes ``adaptive=True`` unless the call says otherwise: error regularizers need the
   controller's error estimate, which torchsde computes only when stepping adaptively (with
   ``adaptive=False`` they raise ``ValueError`` and ``trace.error`` is NaN).
-- regnde passes its own ``rtol``/``atol`` (default ``1e-6``), not torchsde's defaults
-  (``rtol=1e-5``, ``atol=1e-4``). The step-doubling error of an SDE is dominated by the noise, so
-  SDEs usually need looser tolerances (e.g. ``rtol=atol=1e-3``) than ODEs.
+- ``rtol=None, atol=None`` (the default) means torchsde's own defaults for SDEs,
+  ``rtol=1e-5, atol=1e-4`` (on every backend that solves SDEs): the step-doubling error of an SDE
+  is dominated by the noise, and the ODE default 1e-6 makes an adaptive Milstein solve take
+  thousands of steps.
 - ``key`` seeds the Brownian motion (a ``BrownianInterval`` whose entropy comes from the key,
   Levy area as torchsde chooses it for the method) when no ``bm`` option is given; the same key
   gives the same path and the same value. ``key=None`` draws the entropy from torch's global
@@ -73,8 +74,8 @@ from torchsde import BrownianInterval
 from torchsde._core import adaptive_stepping, base_sde, interp
 from torchsde.settings import LEVY_AREA_APPROXIMATIONS, METHODS, NOISE_TYPES, SDE_TYPES
 
+from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
 from regnde.adapters.torch_scope import RecordingScope
-from regnde.adapters.torchdiffeq import TorchKey, make_key
 from regnde.backend import Backend, SolveRequest, StepRequest
 from regnde.errors import MaxStepsExceeded, NonFiniteError, max_steps_exceeded, non_finite_f
 from regnde.plugins.hookspecs import hookimpl
@@ -174,15 +175,20 @@ class CountingSDE:
         self.sde_type = sde.sde_type
         self.n = 0
         drift = {names.get(role, default) for role, default in _DRIFT_ROLES.items()}
+        plain_drift = names.get("drift", "f")
         for name in {*_ROLES, *names.values()}:
             fn = getattr(sde, name, None)
             if callable(fn):
-                setattr(self, name, self._counted(fn) if name in drift else fn)
+                setattr(self, name, self._counted(fn, name == plain_drift)
+                        if name in drift else fn)
 
-    def _counted(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
+    def _counted(self, fn: Callable[..., Any], check: bool) -> Callable[..., Any]:
+        def call(t: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
             self.n += 1
-            return fn(*args, **kwargs)
+            out = fn(t, y, *args, **kwargs)
+            if check and self.n == 1:  # the drift's first value, shaped like the state
+                check_field_output(out, y)
+            return out
 
         return call
 
@@ -211,7 +217,8 @@ class Recorder:
     def attempt(self, t: torch.Tensor, t_end: torch.Tensor) -> None:
         self.attempts += 1
         if self.attempts > self.max_steps:
-            raise MaxStepsExceeded(max_steps_exceeded(self.max_steps, float(t), float(t_end)))
+            raise MaxStepsExceeded(max_steps_exceeded(self.max_steps, float(t), float(t_end),
+                                                      self.solver.rtol, self.solver.atol))
 
     def accept(self, t0: torch.Tensor, t1: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor,
                error: torch.Tensor, y_full: torch.Tensor | None = None) -> None:

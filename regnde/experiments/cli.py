@@ -17,11 +17,16 @@ from regnde.experiments import base, specs
 from regnde.experiments.checkpoint import CheckpointError
 from regnde.experiments.data import DataError
 
+#: Errors whose message tells the user what to fix: one line on stderr, exit status 2.
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, CheckpointError, DataError)
+
 RUN_EPILOG = """\
 regularizers: {regs}; sums with '+' (local-error-unbiased+global-stiffness).
 coefficients (--lam): X constant, X:Y exponential from X to Y over the run, cos:X:Y cosine;
   one per term joined by '+' or one for all; a comma-separated list is a sweep chosen on the
   validation split (lowest validation NFE among candidates with near-best validation metric).
+  budget:N / ratio:R (or --nfe-budget N / --nfe-ratio R) choose it online so that training
+  settles at N evaluations, or R times the starting NFE (docs/budget.md).
 Interrupt with Ctrl-C: the run stops after the current iteration and saves a checkpoint;
 running the same command again resumes exactly where it stopped.
 """
@@ -49,6 +54,13 @@ def add_parsers(subparsers: Any) -> None:
                    help="real data instead of the built-in data (see docs/experiments.md)")
     p.add_argument("--lam", default=None, metavar="X",
                    help="regularization coefficient(s); default: the papers' schedule")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--nfe-budget", type=float, default=None, metavar="N",
+                        help="choose the coefficient online so that training settles at N "
+                             "function evaluations per solve (same as --lam budget:N)")
+    budget.add_argument("--nfe-ratio", type=float, default=None, metavar="R",
+                        help="likewise at R times the NFE of the first iterations "
+                             "(--lam ratio:R)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a configuration field (repeatable), e.g. --set hidden=16")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N")
@@ -56,6 +68,9 @@ def add_parsers(subparsers: Any) -> None:
                    help="CPU threads for torch, and for XLA on the JAX variants (default: "
                         "the framework's choice; 1 gives steadier timings on a shared machine)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="evaluate (and finish training) again even if --out holds the "
+                        "results of this run; without it a finished run is left unchanged")
     p.set_defaults(handler=_run)
 
     r = subparsers.add_parser(
@@ -88,12 +103,27 @@ def _run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(max(args.threads, 1))
         limit_xla_threads(max(args.threads, 1))
+    lam = args.lam
+    for flag, value, form in (("--nfe-budget", args.nfe_budget, "budget"),
+                              ("--nfe-ratio", args.nfe_ratio, "ratio")):
+        if value is not None:
+            if lam is not None:
+                raise ValueError(f"{flag} chooses the coefficient; drop --lam {lam!r}.")
+            if args.regularizer == "none":
+                raise ValueError(f"{flag} needs a regularizer (--regularizer NAME) whose "
+                                 f"coefficient it can choose.")
+            lam = f"{form}:{value:g}"
     spec = RunSpec(experiment=args.experiment, regularizer=args.regularizer,
                    backend=args.backend, full=args.full, seed=args.seed, out=args.out,
-                   iters=args.iters, data=args.data, lam=args.lam,
+                   iters=args.iters, data=args.data, lam=lam,
                    overrides=_overrides(args.overrides), checkpoint_every=args.checkpoint_every,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, force=args.force)
     res = run(spec)
+    if res.get("complete"):
+        where = spec.out or "its run directory"
+        print(f"regnde run: {where} already holds this run's results (written "
+              f"{res.get('created', '?')}); left unchanged. Pass --force to evaluate again.",
+              file=sys.stderr)
     summary = {k: res[k] for k in ("experiment", "regularizer", "seed", "lam", "eval_nfe",
                                    "training_seconds", "prediction_seconds_per_batch")}
     summary[f"test_{res['metric']}"] = res["test"]["metric"]
@@ -144,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as exc:
         print(f"regnde: {exc}", file=sys.stderr)
         return 130
-    except (ValueError, CheckpointError, DataError) as exc:
+    except USER_ERRORS as exc:
         print(f"regnde {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

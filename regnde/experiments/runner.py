@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import math
 import platform
 import re
@@ -61,6 +62,7 @@ class RunSpec:
     overrides: dict[str, str] = dataclasses.field(default_factory=dict)
     checkpoint_every: int = 50
     progress: bool = True
+    force: bool = False
 
 
 Callback = Callable[[int], None]
@@ -99,6 +101,9 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
     for c in candidates:  # validate every candidate before training any
         specs.ScheduledRegularizer(spec.regularizer, c, config.iters)
     out = Path(spec.out) if spec.out is not None else default_out(spec)
+    done = finished(out, spec, backend, config.iters, candidates)
+    if done is not None and not spec.force:
+        return done
     out.mkdir(parents=True, exist_ok=True)
 
     trained = []
@@ -139,6 +144,25 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
     results["prediction_seconds_per_batch"] = results["test"]["seconds_per_batch"]
     checkpoint.write_json(out / RESULTS, results)
     return results
+
+
+def finished(out: Path, spec: RunSpec, backend: str, iters: int, candidates: list[str]
+             ) -> dict[str, Any] | None:
+    """The results of the same run (experiment, backend, regularizer, coefficients, seed,
+    data, size, iterations) if ``out`` holds them (``results["complete"]`` is then True), else
+    ``None`` (then training resumes or starts, and a checkpoint of another run is refused)."""
+    path = out / RESULTS
+    if not path.exists():
+        return None
+    stored = json.loads(path.read_text())
+    want = {"experiment": spec.experiment, "backend": backend, "regularizer": spec.regularizer,
+            "seed": spec.seed, "full": spec.full, "data": spec.data or "builtin",
+            "iterations": iters}
+    same = {k: stored.get(k) for k in want}
+    lams = [c["lam"] for c in stored.get("lam_candidates", [])]
+    if same != want or lams != candidates:  # another run's directory: its checkpoint says so when it is loaded
+        return None
+    return {**stored, "complete": True}
 
 
 def select(trained: list[dict[str, Any]], cls: type[base.Experiment]) -> dict[str, Any]:
@@ -188,11 +212,18 @@ def train(cls: type[base.Experiment], config: base.Config, backend: str, spec: R
             raise CheckpointError(f"checkpoint {ckpt} does not match this run ({exc}); "
                                   f"delete it to start over.") from None
     schedule = specs.ScheduledRegularizer(spec.regularizer, lam, config.iters)
+    if saved is not None and "schedules" in saved[1]:
+        schedule.load_state_dict(saved[1]["schedules"])
+
+    saved_at = start if saved is not None else None
 
     def save(iteration: int) -> None:
+        nonlocal saved_at
         meta = {"identity": ident, "iteration": iteration, "training_seconds": seconds,
-                "history": history, "finished": iteration >= config.iters}
+                "history": history, "finished": iteration >= config.iters,
+                "schedules": schedule.state_dict()}
         checkpoint.save(ckpt, exp.state(), meta)
+        saved_at = iteration
 
     it, in_step = start, False
     bar = tqdm(total=config.iters, initial=start, disable=not spec.progress, leave=False,
@@ -205,8 +236,11 @@ def train(cls: type[base.Experiment], config: base.Config, backend: str, spec: R
                 try:
                     record: dict[str, Any] = exp.train_step(it, schedule.at(it))
                 except Exception as exc:
-                    exc.add_note(f"({cls.name}, {spec.regularizer}: at iteration {it}; the "
-                                 f"checkpoint in {where} holds the last saved iteration)")
+                    kept = (f"nothing was saved yet (a checkpoint is written every "
+                            f"{spec.checkpoint_every} iterations)" if saved_at is None else
+                            f"{ckpt} holds iteration {saved_at}; rerunning resumes there")
+                    exc.add_note(f"({cls.name}, {spec.regularizer}: failed at iteration {it}; "
+                                 f"{kept})")
                     raise
                 step_seconds = time.perf_counter() - t0
                 if not math.isfinite(record["loss"]):
@@ -216,6 +250,7 @@ def train(cls: type[base.Experiment], config: base.Config, backend: str, spec: R
                 seconds += step_seconds
                 record.update(iteration=it, seconds=step_seconds,
                               lam=schedule.coefficients(it))
+                schedule.observe(record["nfe"])
                 history.append(record)
                 it += 1
                 in_step = False

@@ -179,9 +179,15 @@ def parse_regularizer(spec: str) -> list[RegSpec]:
 
 
 def parse_schedule(text: str, iters: int) -> Schedule:
-    """One coefficient schedule from ``X``, ``X:Y`` (exponential) or ``cos:X:Y``."""
+    """One coefficient schedule from ``X``, ``X:Y`` (exponential), ``cos:X:Y``, or an NFE budget
+    chosen online: ``budget:N`` (target N evaluations) or ``ratio:R`` (R times the starting
+    NFE), see :class:`regnde.schedules.NFEBudget`."""
     text = text.strip()
     try:
+        if text.startswith("budget:"):
+            return schedules.NFEBudget(float(text[7:]))
+        if text.startswith("ratio:"):
+            return schedules.NFEBudget(target_ratio=float(text[6:]))
         if text.startswith("cos:"):
             a, b = (float(x) for x in text[4:].split(":"))
             return schedules.Cosine(a, b, max(iters, 1))
@@ -194,7 +200,7 @@ def parse_schedule(text: str, iters: int) -> Schedule:
     except ValueError as exc:
         raise ValueError(
             f"bad coefficient {text!r}: use X (constant), X:Y (exponential from X to Y over the "
-            f"run) or cos:X:Y ({exc})."
+            f"run), cos:X:Y, budget:NFE or ratio:R ({exc})."
         ) from None
 
 
@@ -230,6 +236,20 @@ class ScheduledRegularizer:
 
     def coefficients(self, iteration: int) -> list[float]:
         return [s(iteration) for s in self.schedules]
+
+    def observe(self, nfe: float) -> None:
+        """Feed the iteration's measured NFE to the schedules that choose online (budgets)."""
+        for s in self.schedules:
+            if hasattr(s, "update"):
+                s.update(nfe)
+
+    def state_dict(self) -> list[Any]:
+        return [s.state_dict() if hasattr(s, "state_dict") else None for s in self.schedules]
+
+    def load_state_dict(self, states: list[Any]) -> None:
+        for s, state in zip(self.schedules, states, strict=True):
+            if state is not None:
+                s.load_state_dict(state)  # type: ignore[attr-defined]
 
     def at(self, iteration: int) -> Any:
         if not self.terms:

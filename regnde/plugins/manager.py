@@ -20,7 +20,7 @@ from typing import Any
 
 import pluggy
 
-from regnde.errors import PluginError, choices
+from regnde.errors import PluginError, choices, plugin_unavailable
 from regnde.plugins import hookspecs
 from regnde.tableau import Tableau
 
@@ -173,6 +173,11 @@ class Registry:
         table = self.tables[kind]
         if name in table:
             return table[name]
+        # a plugin named after what is asked for failed: that is the cause, not a typo
+        culprits = {p: why for p, why in self.failures.items()
+                    if name in (p, p.rsplit(".", 1)[-1])}
+        if culprits:
+            raise PluginError(plugin_unavailable(kind, name, culprits, hint))
         raise ValueError(choices(kind, name, table, hint + self.failure_note()))
 
     def get(self, kind: str, name: str, hint: str = "") -> Any:
