@@ -8,7 +8,11 @@ PhysioNet, 0.1 -> 5.0 increasing for multiscale CIFAR10). Past ``n`` a schedule 
 from __future__ import annotations
 
 import math
+import statistics
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 def _check_steps(steps: int) -> None:
@@ -70,3 +74,164 @@ class Cosine:
     def __call__(self, iteration: int) -> float:
         x = min(_check_iteration(iteration), self.steps) / self.steps
         return float(self.l1 + (self.l0 - self.l1) * 0.5 * (1.0 + math.cos(math.pi * x)))
+
+
+class NFEBudget:
+    """A coefficient chosen online so that training settles at a target cost.
+
+    After each iteration call :meth:`update` with the measured NFE of the regularized solves
+    (``sol.stats.nfe``, or ``reg.stats.nfe`` of a drop-in block); ``budget(i)`` (or
+    :attr:`value`) is the coefficient to use next. The controller is a PI controller on the
+    logarithm of an exponentially smoothed NFE, acting on ``log lam``::
+
+        m_k  = beta * m_{k-1} + (1 - beta) * log(nfe_k)           (smoothed log NFE)
+        e_k  = m_k - log(target)                                  (> 0: too expensive)
+        I_k  = clip(I_{k-1} + e_k, -windup, windup)
+        lam  = lam0 * exp(kp * e_k + ki * I_k)                    (0 while below lam_min)
+
+    so ``lam`` grows geometrically while the model is too expensive, decays toward 0 below the
+    target, and is never negative. See docs/budget.md for the equations' defaults and failure
+    modes.
+
+    Args:
+        target_nfe: the NFE to settle at (evaluations of the forward solve per iteration).
+        target_ratio: instead, a fraction of the NFE measured over the first ``warmup``
+            iterations (``0.6`` for 60 %); ``lam`` stays 0 during warm-up.
+        lam0: the coefficient when the NFE is on target with no accumulated error.
+        kp, ki: proportional and integral gains (per unit of log NFE).
+        beta: smoothing of the measured NFE (0: none; 0.9: about 10 iterations).
+        windup: bound on the integral term (anti-windup), in units of log NFE.
+        lam_max, lam_min: ``lam`` is clipped to ``lam_max``; below ``lam_min`` it is 0.
+        warmup: iterations measured for ``target_ratio``.
+        reduce: a function that averages a float across data-parallel ranks (all ranks then
+            use the same ``lam``), e.g. :func:`regnde.distributed.mean_across_ranks`-style
+            helpers of the torch/JAX adapters; ``None`` on a single process.
+        floor_nfe: the least NFE the method can reach (e.g. :func:`floor_nfe`); a target below
+            it warns once and the controller aims at the floor instead.
+    """
+
+    def __init__(self, target_nfe: float | None = None, *, target_ratio: float | None = None,
+                 lam0: float = 0.1, kp: float = 1.0, ki: float = 0.1, beta: float = 0.8,
+                 windup: float = 100.0, lam_max: float = 1e4, lam_min: float = 1e-5,
+                 warmup: int = 5, reduce: Callable[[float], float] | None = None,
+                 floor_nfe: float | None = None):
+        if (target_nfe is None) == (target_ratio is None):
+            raise ValueError(
+                "NFEBudget needs exactly one of target_nfe (an absolute number of function "
+                "evaluations, e.g. 40) or target_ratio (a fraction of the starting NFE, e.g. "
+                f"0.6); got target_nfe={target_nfe!r}, target_ratio={target_ratio!r}."
+            )
+        if target_nfe is not None:
+            _positive("target_nfe", target_nfe)
+        if target_ratio is not None:
+            _positive("target_ratio", target_ratio)
+            if target_ratio >= 1:
+                warnings.warn(
+                    f"NFEBudget(target_ratio={target_ratio}) asks for at least the starting "
+                    f"NFE: the regularizer will only act if the NFE grows past it. Use a "
+                    f"ratio below 1 (0.5-0.7 is typical) to make solves cheaper.",
+                    UserWarning, stacklevel=2)
+        for name, v in (("lam0", lam0), ("kp", kp), ("lam_max", lam_max), ("windup", windup)):
+            _positive(name, v)
+        for name, v in (("ki", ki), ("lam_min", lam_min)):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"NFEBudget: {name} must be a finite number >= 0, got {v!r}.")
+        if not 0 <= beta < 1:
+            raise ValueError(f"NFEBudget: beta (smoothing) must be in [0, 1), got {beta!r}.")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"NFEBudget: warmup must be a positive int, got {warmup!r}.")
+        if floor_nfe is not None:
+            _positive("floor_nfe", floor_nfe)
+        self.target_nfe, self.target_ratio = target_nfe, target_ratio
+        self.lam0, self.kp, self.ki, self.beta = lam0, kp, ki, beta
+        self.windup, self.lam_max, self.lam_min = windup, lam_max, lam_min
+        self.warmup, self.reduce, self.floor_nfe = warmup, reduce, floor_nfe
+        self.value = 0.0 if target_ratio is not None else lam0
+        self.smoothed: float | None = None  # m_k, smoothed log NFE
+        self.integral = 0.0
+        self.start: list[float] = []  # NFE of the warm-up iterations (target_ratio)
+        self.history: list[tuple[float, float]] = []  # (nfe, lam) per update
+        self._warned = False
+        if target_nfe is not None:
+            self._check_floor(float(target_nfe))
+
+    # -- the schedule interface --------------------------------------------------------------
+    def __call__(self, iteration: int) -> float:
+        """The coefficient to use now (``iteration`` is accepted for the schedule interface)."""
+        _check_iteration(iteration)
+        return self.value
+
+    @property
+    def target(self) -> float | None:
+        """The NFE aimed at (``None`` until the warm-up of ``target_ratio`` is over)."""
+        if self.target_nfe is not None:
+            t = float(self.target_nfe)
+        elif len(self.start) >= self.warmup:
+            t = float(self.target_ratio) * statistics.median(self.start)  # type: ignore[arg-type]
+        else:
+            return None
+        return max(t, self.floor_nfe) if self.floor_nfe is not None else t
+
+    def update(self, nfe: float) -> float:
+        """Feed the NFE measured at the iteration just done; returns the next coefficient."""
+        nfe = float(nfe)
+        if self.reduce is not None:
+            nfe = float(self.reduce(nfe))
+        if not (math.isfinite(nfe) and nfe > 0):
+            raise ValueError(f"NFEBudget.update needs the measured NFE (> 0), got {nfe!r}; "
+                             f"pass sol.stats.nfe of the regularized solve.")
+        if self.target_ratio is not None and len(self.start) < self.warmup:
+            self.start.append(nfe)
+            if len(self.start) == self.warmup:
+                self._check_floor(self.target)  # type: ignore[arg-type]
+        target = self.target
+        log_nfe = math.log(nfe)
+        self.smoothed = log_nfe if self.smoothed is None else (
+            self.beta * self.smoothed + (1 - self.beta) * log_nfe)
+        if target is not None:
+            e = self.smoothed - math.log(target)
+            self.integral = min(max(self.integral + e, -self.windup), self.windup)
+            lam = self.lam0 * math.exp(min(self.kp * e + self.ki * self.integral, 700.0))
+            self.value = 0.0 if lam < self.lam_min else min(lam, self.lam_max)
+        self.history.append((nfe, self.value))
+        return self.value
+
+    def _check_floor(self, target: float) -> None:
+        if self.floor_nfe is not None and target < self.floor_nfe and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"NFEBudget: the target of {target:g} evaluations is below the least this "
+                f"method can take ({self.floor_nfe:g}: one step); training aims at the floor "
+                f"instead. Raise the target, or use a method with fewer stages.",
+                UserWarning, stacklevel=3)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What :meth:`load_state_dict` needs to resume exactly (plain Python values)."""
+        return {"value": self.value, "smoothed": self.smoothed, "integral": self.integral,
+                "start": list(self.start), "history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+        self.smoothed = None if state["smoothed"] is None else float(state["smoothed"])
+        self.integral = float(state["integral"])
+        self.start = [float(x) for x in state["start"]]
+        self.history = [(float(a), float(b)) for a, b in state["history"]]
+
+    def __repr__(self) -> str:
+        goal = (f"target_nfe={self.target_nfe}" if self.target_nfe is not None
+                else f"target_ratio={self.target_ratio}")
+        return f"NFEBudget({goal}, lam={self.value:.4g})"
+
+
+def floor_nfe(tableau: Any, initial_selection: int = 2) -> int:
+    """The least NFE an adaptive solve with ``tableau`` can take: the initial step selection's
+    evaluations plus one step's stages (a FSAL tableau's last stage is the next step's first,
+    so it is counted once)."""
+    return int(initial_selection) + int(tableau.stages)
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"NFEBudget: {name} must be a finite number > 0, got {value!r}.")
