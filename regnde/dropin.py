@@ -7,7 +7,8 @@ from typing import Any
 
 def regularize(regularizer: Any, key: Any = None, trace: str = "summary",
                max_steps: int | None = None) -> Any:
-    """Regularize unchanged ``torchdiffeq.odeint`` / ``odeint_adjoint`` calls::
+    """Regularize unchanged ``torchdiffeq.odeint`` / ``odeint_adjoint`` / ``odeint_event`` and
+    ``torchsde.sdeint`` / ``sdeint_adjoint`` calls::
 
         with regnde.regularize(regnde.regularizers.LocalError(), key=0) as reg:
             ys = torchdiffeq.odeint(func, y0, t, method="dopri5")
@@ -31,9 +32,22 @@ def regularize(regularizer: Any, key: Any = None, trace: str = "summary",
             none beyond the host library's own.
     """
     from regnde.plugins.manager import registry
-
-    backend = registry().backend("torchdiffeq")
     from regnde.validate import check_options
 
     check_options("direct", trace, 1 if max_steps is None else max_steps, 1.0, 1.0)
-    return backend.regularize(regularizer, key=key, trace=trace, max_steps=max_steps)
+    reg = registry()
+    hosts = []
+    for name in reg.names("backend"):
+        try:
+            backend = reg.backend(name)
+        except Exception:  # a broken plugin offers no drop-in
+            continue
+        if callable(getattr(backend, "regularize", None)):
+            hosts.append(backend)
+    if not hosts:
+        raise ValueError(
+            "regnde.regularize wraps torchdiffeq/torchsde calls, and neither is installed: "
+            'pip install "regnde[torch]" or "regnde[torchsde]". For diffrax use the wrapper '
+            "solver regnde.diffrax.Regularized(solver, regularizer, key=...)."
+        )
+    return hosts[0].regularize(regularizer, key=key, trace=trace, max_steps=max_steps)

@@ -111,8 +111,8 @@ class NFEBudget:
     """
 
     def __init__(self, target_nfe: float | None = None, *, target_ratio: float | None = None,
-                 lam0: float = 0.1, kp: float = 1.0, ki: float = 0.1, beta: float = 0.8,
-                 windup: float = 100.0, lam_max: float = 1e4, lam_min: float = 1e-5,
+                 lam0: float = 0.1, kp: float = 1.0, ki: float = 0.2, beta: float = 0.7,
+                 windup: float = 100.0, lam_max: float = 1e4, lam_min: float = 1e-4,
                  warmup: int = 5, reduce: Callable[[float], float] | None = None,
                  floor_nfe: float | None = None):
         if (target_nfe is None) == (target_ratio is None):
@@ -190,8 +190,12 @@ class NFEBudget:
             self.beta * self.smoothed + (1 - self.beta) * log_nfe)
         if target is not None:
             e = self.smoothed - math.log(target)
-            self.integral = min(max(self.integral + e, -self.windup), self.windup)
-            lam = self.lam0 * math.exp(min(self.kp * e + self.ki * self.integral, 700.0))
+            integral = min(max(self.integral + e, -self.windup), self.windup)
+            lam = self.lam0 * math.exp(min(self.kp * e + self.ki * integral, 700.0))
+            # conditional integration (anti-windup): no integrating further into a bound that
+            # lam already sits at -- below lam_min while cheap, at lam_max while expensive
+            if not ((lam < self.lam_min and e < 0) or (lam > self.lam_max and e > 0)):
+                self.integral = integral
             self.value = 0.0 if lam < self.lam_min else min(lam, self.lam_max)
         self.history.append((nfe, self.value))
         return self.value

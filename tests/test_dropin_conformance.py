@@ -153,7 +153,7 @@ def test_fixed_step_methods_are_announced_not_regularized(method):
 
 
 def test_no_solve_in_block_gives_zero_and_a_warning():
-    with pytest.warns(UserWarning, match="no torchdiffeq solve ran"):
+    with pytest.warns(UserWarning, match="no .*solve ran inside the block"):
         with regnde.regularize(R.LocalError(), key=0) as reg:
             pass
     assert isinstance(reg.value, torch.Tensor) and reg.value.item() == 0.0
@@ -251,5 +251,79 @@ def test_gradients_unchanged_when_the_value_is_not_used():
     with regnde.regularize(R.LocalError(), key=0):
         ys = torchdiffeq.odeint(f, y0, t, rtol=1e-8, atol=1e-8)
     inside = torch.autograd.grad(ys.square().sum(), list(f.parameters()))
+    for a, b in zip(plain, inside, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+# -- torchsde ------------------------------------------------------------------------------------
+torchsde = pytest.importorskip("torchsde")
+
+
+class SDE(torch.nn.Module):
+    noise_type, sde_type = "diagonal", "ito"
+
+    def __init__(self, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(2, 2, dtype=dtype, generator=g))
+
+    def f(self, t, y):
+        return torch.tanh(y @ self.w)
+
+    def g(self, t, y):
+        return 0.1 * torch.ones_like(y)
+
+
+def sde_problem(dtype: torch.dtype = torch.float64):
+    y0 = torch.ones(8, 2, dtype=dtype)
+    ts = torch.linspace(0, 1, 4, dtype=dtype)
+
+    def bm():
+        return torchsde.BrownianInterval(t0=0.0, t1=1.0, size=(8, 2), dtype=dtype, entropy=3,
+                                         levy_area_approximation="space-time")
+    return SDE(dtype), y0, ts, bm
+
+
+@pytest.mark.parametrize(("method", "sdeint"), [
+    ("euler", torchsde.sdeint), ("milstein", torchsde.sdeint), ("srk", torchsde.sdeint),
+    ("euler", torchsde.sdeint_adjoint), ("milstein", torchsde.sdeint_adjoint),
+], ids=["euler", "milstein", "srk", "euler-adjoint", "milstein-adjoint"])  # srk has no adjoint
+def test_torchsde_adaptive_calls(method, sdeint):
+    sde, y0, ts, bm = sde_problem()
+    plain, inside, reg = both(lambda: sdeint(sde, y0, ts, method=method, adaptive=True,
+                                             dt=0.05, bm=bm()))
+    assert_conforms(plain, inside)
+    assert not ours(inside)
+    sens = "adjoint" if sdeint is torchsde.sdeint_adjoint else "direct"
+    sol = regnde.solve(sde, y0, ts, backend="torchsde", method=method, adaptive=True, dt=0.05,
+                       bm=bm(), regularizer=R.LocalError(), key=0, sensitivity=sens)
+    assert reg.value.item() == sol.reg.item() > 0
+    assert reg.stats.n_steps == sol.stats.n_steps and reg.stats.nfe > 0
+
+
+def test_torchsde_fixed_step_call_is_announced():
+    sde, y0, ts, bm = sde_problem()
+    plain, inside, reg = both(lambda: torchsde.sdeint(sde, y0, ts, method="euler", dt=0.05,
+                                                      bm=bm()))
+    assert_conforms(plain, inside)
+    assert len(ours(inside)) == 1 and "adaptive=True" in ours(inside)[0]
+    assert reg.value.item() == 0.0
+
+
+def test_torchsde_bad_call_raises_as_plain():
+    sde, y0, ts, bm = sde_problem()
+    plain, inside, _ = both(lambda: torchsde.sdeint(sde, y0, ts, method="no_such_method",
+                                                    adaptive=True, bm=bm()))
+    assert plain.error is not None
+    assert_conforms(plain, inside)
+
+
+def test_torchsde_gradients_unchanged_when_the_value_is_not_used():
+    sde, y0, ts, bm = sde_problem()
+    ys = torchsde.sdeint(sde, y0, ts, method="milstein", adaptive=True, dt=0.05, bm=bm())
+    plain = torch.autograd.grad(ys.square().sum(), list(sde.parameters()))
+    with regnde.regularize(R.LocalError(), key=0):
+        ys = torchsde.sdeint(sde, y0, ts, method="milstein", adaptive=True, dt=0.05, bm=bm())
+    inside = torch.autograd.grad(ys.square().sum(), list(sde.parameters()))
     for a, b in zip(plain, inside, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)

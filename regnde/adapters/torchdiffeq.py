@@ -33,10 +33,9 @@ import functools
 import importlib
 import inspect
 import sys
-import threading
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +48,7 @@ from torchdiffeq._impl.rk_common import (
     _RungeKuttaState,
 )
 
+from regnde.adapters.torch_dropin import Block, register_scope
 from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
 from regnde.adapters.torch_scope import RecordingScope
 from regnde.backend import Backend, SolveRequest, StepRequest
@@ -57,7 +57,6 @@ from regnde.errors import (
     NonFiniteError,
     StepSizeUnderflow,
     dropin_fixed_step,
-    dropin_no_solve,
     dropin_not_regularized,
     dropin_other_thread,
     max_steps_exceeded,
@@ -447,6 +446,18 @@ class _RecordingMixin:
         self.regnde_w = _diff_weights(self.regnde_tableau, y0)
         self._rec: Recorder | None = None if ctx is None else ctx.recorder_for(self)
 
+    def regnde_dropin_recorder(self, block: Block, key: TorchKey) -> Recorder:
+        """This solve's recorder inside a drop-in block: torchdiffeq's arithmetic untouched."""
+        sensitivity = "adjoint" if _inside_adjoint_forward() else "direct"
+        block.regularizer.check(sensitivity=sensitivity, tableau=self.regnde_tableau,
+                                backend="torchdiffeq")
+        rec = Recorder(self, regularizer=block.regularizer, key=key, sensitivity=sensitivity,
+                       trace=block.trace_mode, max_steps=block.max_steps, grad=True,
+                       host_grads=True)
+        rec.on_end = lambda r: block.collect(r.value, r.stats, r.trace)
+        rec.on_skip = block.announce
+        return rec
+
     def integrate(self, t: torch.Tensor) -> torch.Tensor:
         rec = self._rec
         if rec is None:
@@ -602,7 +613,10 @@ def _announcing_class(td_name: str) -> type:
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             ctx = _context()
             if ctx is not None:
-                ctx.unregularizable(td_name)
+                ctx.unregularizable(
+                    dropin_not_regularized("scipy_solver runs outside torch and has no steps "
+                                           "to record") if td_name == "scipy_solver"
+                    else dropin_fixed_step(td_name))
             base.__init__(self, *args, **kwargs)
 
         _ANNOUNCING[td_name] = type(f"Announcing{base.__name__}", (base,),
@@ -635,6 +649,7 @@ def _restore() -> None:
 
 
 SCOPE = RecordingScope(_install, _restore)
+register_scope(SCOPE)
 
 
 def _context() -> Any:
@@ -664,7 +679,7 @@ class _SolveContext:
         self.request, self.grad, self.key, self.layout = request, grad, key, layout
         self.recorder: Recorder | None = None
 
-    def unregularizable(self, td_name: str) -> None:
+    def unregularizable(self, message: str) -> None:
         """A fixed-step torchdiffeq solve inside ``f``: not this solve's business."""
 
     def recorder_for(self, solver: Any) -> Recorder | None:
@@ -676,106 +691,6 @@ class _SolveContext:
                                  max_steps=r.max_steps, grad=self.grad, layout=self.layout,
                                  defer=self.layout is not None)
         return self.recorder
-
-
-class Block:
-    """The drop-in: ``with regnde.regularize(reg, key=0) as r:`` around unchanged torchdiffeq
-    calls. ``r.value`` sums the regularizer over the solves inside (``None`` until the first;
-    a zero tensor when nothing could be regularized, which the block announces with a
-    ``UserWarning`` once per cause); ``r.stats`` sums their counts; ``r.traces`` lists their
-    traces.
-
-    The host's behaviour is kept: outputs, exceptions (regnde's are also instances of the
-    ``AssertionError`` torchdiffeq raises), step limits (none beyond torchdiffeq's own unless
-    ``max_steps`` is given) and, while ``r.value`` stays out of the loss, gradients: the
-    recording leaves torchdiffeq's arithmetic alone, step sizes' gradients included."""
-
-    _open_lock: ClassVar[threading.Lock] = threading.Lock()
-    _open: ClassVar[dict[int, int]] = {}  # thread id -> open blocks
-
-    def __init__(self, regularizer: Any, key: Any = None, trace: str = "summary",
-                 max_steps: int | None = None):
-        from regnde.regularizers import as_regularizer
-
-        self.regularizer = as_regularizer(regularizer)
-        if self.regularizer.needs_augmentation():
-            raise ValueError(
-                f"{self.regularizer!r} integrates along the solution as an extra state, and the "
-                f"drop-in regnde.regularize cannot change the state of your odeint call. Use "
-                f"sol = regnde.solve(func, y0, t, regularizer=..., method=..., "
-                f"sensitivity='direct' | 'adjoint') instead: sol.ys equals odeint's output and "
-                f"sol.reg is the regularizer."
-            )
-        self.key = make_key(key)
-        self.trace_mode, self.max_steps = trace, max_steps
-        self.value: Any = None
-        self.stats = Stats()
-        self.traces: list[Trace] = []
-        self.n_solves = 0
-        self._announced: set[str] = set()
-        self._attempted = False  # a solve reached the block (even one that then raised)
-        self._cm: Any = None
-
-    @classmethod
-    def open_elsewhere(cls) -> bool:
-        """Whether a block is open on another thread and none on this one."""
-        me = threading.get_ident()
-        with cls._open_lock:
-            return not cls._open.get(me) and any(n for t, n in cls._open.items() if t != me)
-
-    def recorder_for(self, solver: Any) -> Recorder:
-        self._attempted = True
-        sensitivity = "adjoint" if _inside_adjoint_forward() else "direct"
-        self.regularizer.check(sensitivity=sensitivity, tableau=solver.regnde_tableau,
-                               backend="torchdiffeq")
-        key = self.key if self.n_solves == 0 else self.key.fold(self.n_solves)
-        self.n_solves += 1
-        rec = Recorder(solver, regularizer=self.regularizer, key=key, sensitivity=sensitivity,
-                       trace=self.trace_mode, max_steps=self.max_steps, grad=True,
-                       host_grads=True)
-        rec.on_end = self._collect
-        rec.on_skip = self.announce
-        return rec
-
-    def unregularizable(self, td_name: str) -> None:
-        what = (dropin_not_regularized("scipy_solver runs outside torch and has no steps to "
-                                       "record") if td_name == "scipy_solver"
-                else dropin_fixed_step(td_name))
-        self.announce(what, None)
-
-    def announce(self, message: str, like: torch.Tensor | None) -> None:
-        """Say once per block why something was not regularized; ``value`` becomes a zero
-        tensor (of ``like``'s dtype and device) if nothing was regularized yet."""
-        if message not in self._announced:
-            self._announced.add(message)
-            warnings.warn(message, UserWarning, stacklevel=5)
-        if self.value is None:
-            self.value = (torch.zeros((), dtype=like.dtype, device=like.device)
-                          if like is not None and like.is_floating_point() else torch.zeros(()))
-
-    def _collect(self, rec: Recorder) -> None:
-        self.value = rec.value if self.value is None else self.value + rec.value
-        for field in ("nfe", "nfe_reg", "n_steps", "n_rejected"):
-            setattr(self.stats, field, getattr(self.stats, field) + getattr(rec.stats, field))
-        self.traces.append(rec.trace)
-
-    def __enter__(self) -> Block:
-        self._cm = SCOPE.opened(self)
-        self._cm.__enter__()
-        me = threading.get_ident()
-        with Block._open_lock:
-            Block._open[me] = Block._open.get(me, 0) + 1
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        me = threading.get_ident()
-        with Block._open_lock:
-            Block._open[me] -= 1
-            if not Block._open[me]:
-                del Block._open[me]
-        self._cm.__exit__(*exc)
-        if exc[0] is None and not self._attempted and self.value is None:
-            self.announce(dropin_no_solve("torchdiffeq"), None)
 
 
 # -- the backend ---------------------------------------------------------------------------------

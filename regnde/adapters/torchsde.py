@@ -62,6 +62,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -74,10 +75,18 @@ from torchsde import BrownianInterval
 from torchsde._core import adaptive_stepping, base_sde, interp
 from torchsde.settings import LEVY_AREA_APPROXIMATIONS, METHODS, NOISE_TYPES, SDE_TYPES
 
+from regnde.adapters.torch_dropin import Block, register_scope
 from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
 from regnde.adapters.torch_scope import RecordingScope
 from regnde.backend import Backend, SolveRequest, StepRequest
-from regnde.errors import MaxStepsExceeded, NonFiniteError, max_steps_exceeded, non_finite_f
+from regnde.errors import (
+    MaxStepsExceeded,
+    NonFiniteError,
+    dropin_not_regularized,
+    dropin_other_thread,
+    max_steps_exceeded,
+    non_finite_f,
+)
 from regnde.plugins.hookspecs import hookimpl
 from regnde.regularizers import GlobalError, LocalError, LocalStiffness, evaluate
 from regnde.tableau import Tableau
@@ -197,7 +206,7 @@ class CountingSDE:
 class Recorder:
     """Collects one solve's accepted steps (in torchsde's own time, which increases)."""
 
-    def __init__(self, solver: Any, *, max_steps: int, keep_states: bool, full: bool,
+    def __init__(self, solver: Any, *, max_steps: int | None, keep_states: bool, full: bool,
                  probes: Mapping[int, torch.Tensor], error_grad: bool = True):
         self.solver, self.error_grad = solver, error_grad
         self.max_steps, self.keep_states, self.full = max_steps, keep_states, full
@@ -216,7 +225,7 @@ class Recorder:
 
     def attempt(self, t: torch.Tensor, t_end: torch.Tensor) -> None:
         self.attempts += 1
-        if self.attempts > self.max_steps:
+        if self.max_steps is not None and self.attempts > self.max_steps:
             raise MaxStepsExceeded(max_steps_exceeded(self.max_steps, float(t), float(t_end),
                                                       self.solver.rtol, self.solver.atol))
 
@@ -317,18 +326,98 @@ def _recorded_integrate(solver: Any, rec: Recorder, y0: torch.Tensor, ts: torch.
 
 
 class _RecordingMixin:
-    """Upstream's integrate plus recording, active only inside a regnde solve of this thread."""
+    """Upstream's integrate plus recording, active only inside a regnde solve or drop-in block
+    of this thread."""
 
     def __init__(self, sde: Any, **kwargs: Any):
         super().__init__(sde=sde, **kwargs)  # type: ignore[call-arg]
         ctx = SCOPE.active()
+        if ctx is None and Block.open_elsewhere():
+            warnings.warn(dropin_other_thread("torchsde"), UserWarning, stacklevel=4)
         self._regnde_rec: Recorder | None = None if ctx is None else ctx.recorder_for(self)
+
+    def regnde_dropin_recorder(self, block: Block, key: TorchKey) -> Recorder | None:
+        """This solve's recorder inside a drop-in block (``None``: announced, not recorded)."""
+        s: Any = self
+        if not s.adaptive:
+            block.unregularizable(dropin_not_regularized(
+                "torchsde.sdeint with adaptive=False computes no error estimate; pass "
+                "adaptive=True to regularize it"))
+            return None
+        sensitivity = "adjoint" if _called_from(_SDEINT_ADJOINT) else "direct"
+        reg = block.regularizer
+        reg.check(sensitivity=sensitivity, tableau=None, backend="torchsde")
+        rec = DropinRecorder(self, block=block, key=key, sensitivity=sensitivity)
+        _count_drift(s.sde, rec)
+        return rec
 
     def integrate(self, y0: torch.Tensor, ts: torch.Tensor, extra0: Any) -> Any:
         rec = self._regnde_rec
         if rec is None:
             return super().integrate(y0, ts, extra0)  # type: ignore[misc]
+        if isinstance(rec, DropinRecorder):
+            rec.begin(ts)
+            out = _recorded_integrate(self, rec, y0, ts, extra0)
+            rec.end()
+            return out
         return _recorded_integrate(self, rec, y0, ts, extra0)
+
+
+_SDEINT_ADJOINT = _adjoint_mod.sdeint_adjoint.__code__
+
+
+def _called_from(code: Any) -> bool:
+    frame: Any = sys._getframe(2)
+    for _ in range(40):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _count_drift(sde: Any, rec: DropinRecorder) -> None:
+    """Count the drift evaluations of torchsde's wrapped SDE (``rec.nfe``), as the drop-in
+    cannot wrap the user's object before torchsde does."""
+    for name in ("f", "f_and_g", "f_and_g_prod"):
+        fn = getattr(sde, name, None)
+        # torchsde's defaults for the combined calls evaluate ``f`` itself: counted there
+        if callable(fn) and "default" not in getattr(fn, "__name__", ""):
+            def counted(*args: Any, _fn: Any = fn, **kwargs: Any) -> Any:
+                rec.nfe += 1
+                return _fn(*args, **kwargs)
+
+            object.__setattr__(sde, name, counted)
+
+
+class DropinRecorder(Recorder):
+    """A :class:`Recorder` that evaluates the block's regularizer when the solve ends."""
+
+    def __init__(self, solver: Any, *, block: Block, key: TorchKey, sensitivity: str):
+        reg = block.regularizer
+        super().__init__(solver, max_steps=block.max_steps,
+                         keep_states=block.trace_mode == "full" or reg.needs_states(),
+                         full=block.trace_mode == "full", probes={},
+                         error_grad=not _only_local(reg))
+        self.block, self.key, self.sensitivity = block, key, sensitivity
+        self.presampled: dict[Any, Any] = {}
+        self.nfe = 0
+
+    def begin(self, ts: torch.Tensor) -> None:
+        self.presampled = self.block.regularizer.presample(ts[0], ts[-1], self.key)
+        self.probes = {id(v): v for v in self.presampled.values()}
+        self.t_first, self.t_last = ts[0].detach(), ts[-1].detach()
+
+    def end(self) -> None:
+        trace = self.trace()
+        run = SdeRun(self, trace, self.t_first, self.t_last, self.sensitivity, self.solver.dt)
+        before = self.nfe
+        value = evaluate(self.block.regularizer, run, self.key, self.presampled)
+        stats = Stats(nfe=before, nfe_reg=self.nfe - before, n_steps=trace.n_steps,
+                      n_rejected=self.rejected)
+        self.solver = None
+        self.block.collect(value, stats, trace)
 
 
 _RECORDING: dict[type, type] = {}
@@ -356,6 +445,7 @@ def _restore() -> None:
 
 #: ``torchsde._core.methods.select`` returns recording subclasses while a solve is open.
 SCOPE = RecordingScope(_install, _restore)
+register_scope(SCOPE)
 
 
 class _SolveContext:
@@ -623,6 +713,11 @@ class TorchsdeBackend(Backend):
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return dict.fromkeys(METHOD_NAMES)
+
+    def regularize(self, regularizer: Any, key: Any = None, trace: str = "summary",
+                   max_steps: int | None = None) -> Block:
+        """The drop-in block (shared by the torch host libraries)."""
+        return Block(regularizer, key=key, trace=trace, max_steps=max_steps)
 
     def owns(self, y0: Any) -> bool:
         return isinstance(y0, torch.Tensor)

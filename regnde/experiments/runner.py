@@ -160,7 +160,7 @@ def finished(out: Path, spec: RunSpec, backend: str, iters: int, candidates: lis
             "iterations": iters}
     same = {k: stored.get(k) for k in want}
     lams = [c["lam"] for c in stored.get("lam_candidates", [])]
-    if same != want or lams != candidates:  # another run's directory: its checkpoint says so when it is loaded
+    if same != want or lams != candidates:  # another run: its checkpoint says so when loaded
         return None
     return {**stored, "complete": True}
 
