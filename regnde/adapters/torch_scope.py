@@ -8,12 +8,26 @@ solves), behaves exactly like the original.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+
+def called_from(code: Any, depth: int = 40) -> bool:
+    """Whether a frame of ``code`` is among the caller's ``depth`` enclosing frames (how an
+    adapter tells a solve run by the host's adjoint from a plain one)."""
+    frame: Any = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class RecordingScope:

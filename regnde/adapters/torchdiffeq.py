@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -50,7 +49,7 @@ from torchdiffeq._impl.rk_common import (
 
 from regnde.adapters.torch_dropin import Block, register_scope
 from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
-from regnde.adapters.torch_scope import RecordingScope
+from regnde.adapters.torch_scope import RecordingScope, called_from
 from regnde.backend import Backend, SolveRequest, StepRequest
 from regnde.errors import (
     MaxStepsExceeded,
@@ -194,14 +193,7 @@ _ADJOINT_FORWARD = _td_adjoint.OdeintAdjointMethod.forward.__code__
 
 
 def _inside_adjoint_forward() -> bool:
-    frame: Any = sys._getframe(1)
-    for _ in range(40):
-        if frame is None:
-            return False
-        if frame.f_code is _ADJOINT_FORWARD:
-            return True
-        frame = frame.f_back
-    return False
+    return called_from(_ADJOINT_FORWARD)
 
 
 class Layout:

@@ -62,7 +62,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -77,7 +76,7 @@ from torchsde.settings import LEVY_AREA_APPROXIMATIONS, METHODS, NOISE_TYPES, SD
 
 from regnde.adapters.torch_dropin import Block, register_scope
 from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
-from regnde.adapters.torch_scope import RecordingScope
+from regnde.adapters.torch_scope import RecordingScope, called_from
 from regnde.backend import Backend, SolveRequest, StepRequest
 from regnde.errors import (
     MaxStepsExceeded,
@@ -344,7 +343,7 @@ class _RecordingMixin:
                 "torchsde.sdeint with adaptive=False computes no error estimate; pass "
                 "adaptive=True to regularize it"))
             return None
-        sensitivity = "adjoint" if _called_from(_SDEINT_ADJOINT) else "direct"
+        sensitivity = "adjoint" if called_from(_SDEINT_ADJOINT) else "direct"
         reg = block.regularizer
         reg.check(sensitivity=sensitivity, tableau=None, backend="torchsde")
         rec = DropinRecorder(self, block=block, key=key, sensitivity=sensitivity)
@@ -364,17 +363,6 @@ class _RecordingMixin:
 
 
 _SDEINT_ADJOINT = _adjoint_mod.sdeint_adjoint.__code__
-
-
-def _called_from(code: Any) -> bool:
-    frame: Any = sys._getframe(2)
-    for _ in range(40):
-        if frame is None:
-            return False
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
 
 
 def _count_drift(sde: Any, rec: DropinRecorder) -> None:

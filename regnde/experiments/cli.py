@@ -162,21 +162,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``run``/``report`` from ``argv``; user errors print one line and return 2,
-    an interrupted run returns 130."""
-    from regnde.experiments.runner import RunInterrupted
+    """Run ``run``/``report`` from ``argv`` as the ``regnde`` command does (user errors print
+    one line and return 2, an interrupted run returns 130)."""
+    from regnde.cli import main as regnde_main
 
-    parser = argparse.ArgumentParser(prog="regnde")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args))
-    except RunInterrupted as exc:
-        print(f"regnde: {exc}", file=sys.stderr)
-        return 130
-    except USER_ERRORS as exc:
-        print(f"regnde {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return regnde_main(argv)
 
 
 if __name__ == "__main__":
