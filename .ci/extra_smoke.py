@@ -15,8 +15,12 @@ import sys
 import regnde
 from regnde import regularizers as R
 
-OTHERS = {"torch": ("torchsde", "jax", "diffrax"), "torchsde": ("torchdiffeq", "jax", "diffrax"),
-          "jax": ("torch", "torchdiffeq", "torchsde")}
+#: what must NOT be installed by each extra (the experiment runner's dependencies included:
+#: they belong to the ``experiments`` extra, not to the core)
+RUNNER = ("tqdm", "matplotlib", "sklearn")
+OTHERS = {"torch": ("torchsde", "jax", "diffrax", *RUNNER),
+          "torchsde": ("torchdiffeq", "jax", "diffrax", *RUNNER),
+          "jax": ("torch", "torchdiffeq", "torchsde", *RUNNER)}
 BACKEND = {"torch": "torchdiffeq", "torchsde": "torchsde", "jax": "diffrax"}
 
 
@@ -31,6 +35,16 @@ def main(extra: str) -> None:
         assert "unknown" not in str(exc) and "pip install" in str(exc), exc
     else:
         raise AssertionError(f"{missing} answered without its library")
+
+    # the runner says which extra it needs, no traceback
+    import subprocess
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("regnde")
+    done = subprocess.run([str(exe), "run", "toy-cubic", "--iters", "1"], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "regnde[experiments]" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
 
     if extra == "torch":
         import torch

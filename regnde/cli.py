@@ -11,6 +11,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 DESCRIPTION = (
     "regnde: regularizers that make neural differential equations cheap to solve, on any "
@@ -20,9 +21,11 @@ EXPERIMENTS_MISSING = (
     "run and report (the experiment runner) need its dependencies: "
     'pip install "regnde[experiments]" (or "regnde[all]").'
 )
+#: What the experiment runner needs beyond the core (the ``experiments`` extra).
+EXPERIMENT_MODULES = ("tqdm", "matplotlib", "sklearn")
 #: What ``regnde demo`` needs, and the install line that brings it.
 DEMO_NEEDS = ("torch", "torchdiffeq", "sklearn", "tqdm", "matplotlib")
-DEMO_INSTALL = 'pip install "regnde[torch,demo]"'
+DEMO_INSTALL = 'pip install "regnde[torch,experiments]"'
 
 
 class UsageError(ValueError):
@@ -77,10 +80,10 @@ def _demo(args: argparse.Namespace) -> int:
     if missing:
         raise UsageError(f"regnde demo trains a torch model and needs {', '.join(missing)}, "
                          f"which this install lacks: {DEMO_INSTALL}.")
-    from regnde.demo import Config, run
+    from regnde.experiments.demo import Config, demo
 
-    cfg = Config(iters=args.iters, tol=args.tol, seed=args.seed)
-    run(cfg, json_path=args.json, plot_path=args.plot, progress=not args.no_progress)
+    cfg = Config(iters=args.iters, tol=args.tol, seed=args.seed, out=args.out)
+    demo(cfg, json_path=args.json, plot_path=args.plot, progress=not args.no_progress)
     return 0
 
 
@@ -88,12 +91,16 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regnde", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser("demo", help="train a small neural ODE with and without regularization "
-                                    "and compare NFE, loss and time")
+                                    "and compare NFE, loss and time (the digits-node "
+                                    "experiment)")
     d.add_argument("--iters", type=int, default=600, help="training iterations per variant")
     d.add_argument("--tol", type=float, default=1e-7, help="rtol = atol of dopri5")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", metavar="PATH", help="write the results as JSON")
     d.add_argument("--plot", metavar="PATH", help="write a plot of NFE over training")
+    d.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="keep the runs (regnde run directories) here; default: a temporary "
+                        "directory")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.set_defaults(handler=_demo)
     pl = sub.add_parser("plugins", help="list backends, methods, samplers, regularizers")
@@ -126,6 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except handled as exc:
         print(f"regnde {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in EXPERIMENT_MODULES:
+            raise
+        print(f"regnde {args.command}: error: it needs {exc.name}, which this install lacks: "
+              f'pip install "regnde[experiments]".', file=sys.stderr)
         return 2
 
 
