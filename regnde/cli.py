@@ -8,6 +8,7 @@ into one line on stderr and exit status 2 (an interrupted run: 130), never a tra
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from collections.abc import Sequence
@@ -107,11 +108,20 @@ def parser() -> argparse.ArgumentParser:
     pl.set_defaults(handler=_plugins)
     try:
         from regnde.experiments.cli import add_parsers
-    except ImportError:
+    except ImportError as exc:
         p.epilog = EXPERIMENTS_MISSING
+        for name in ("run", "report"):  # present, and saying what to install
+            stub = sub.add_parser(name, help=f"unavailable here ({exc.name} is not installed)")
+            stub.add_argument("args", nargs=argparse.REMAINDER)
+            stub.set_defaults(handler=functools.partial(_unavailable, str(exc.name)))
     else:
         add_parsers(sub)
     return p
+
+
+def _unavailable(missing: str, args: argparse.Namespace) -> int:
+    raise UsageError(f"the experiment runner needs {missing}, which this install lacks: "
+                     f'pip install "regnde[torch,experiments]".')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
