@@ -276,28 +276,9 @@ def make_key(key: Any, traced: bool = False) -> JaxKey:
 
 
 # -- recording ----------------------------------------------------------------------------------
-class RecordingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
-    """Wraps a diffrax RK solver; records each step in its solver state.
-
-    The solver state is ``(inner_state, record)``; ``record`` holds ``n`` (accepted steps so
-    far), ``t``, ``dt``, ``error`` and optionally ``stiffness`` of shape ``(capacity,)`` in
-    solver time, and ``probes``: the dense-output state at each time in ``probe_ts``
-    ``(P, *y.shape)``. Steps, errors and dense output are the wrapped solver's own.
-    """
-
-    solver: dfx.AbstractAdaptiveSolver  # type: ignore[misc]
-    tab: Tableau | None = eqx.field(static=True)  # None: no stiffness (SDE step doubling)
-    capacity: int = eqx.field(static=True)
-    rtol: Any
-    atol: Any
-    norm: Callable[[Any], Any] = eqx.field(static=True)
-    probe_ts: jax.Array | None = None
-    #: the user's state ``y`` within the solver's state (``(y, r)`` of an augmented solve):
-    #: errors, stiffness and probes look at ``y`` only.
-    part: Callable[[Any], Any] = eqx.field(static=True, default=lambda y: y)
-    #: eager solves note the first trial step with non-finite values (the controller rejects
-    #: it, and the state rolls back), so that a solve that then runs out of steps can say why
-    watch: bool = eqx.field(static=True, default=False)
+class ForwardingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
+    """A wrapper whose steps are its ``solver``'s: everything but ``init``/``step`` is
+    forwarded (shared by regnde's recording solver and the drop-in's wrapper)."""
 
     @property
     def term_structure(self) -> Any:  # type: ignore[override]
@@ -319,6 +300,30 @@ class RecordingSolver(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
 
     def func(self, terms: Any, t0: Any, y0: Any, args: Any) -> Any:
         return self.solver.func(terms, t0, y0, args)
+
+
+class RecordingSolver(ForwardingSolver):
+    """Wraps a diffrax RK solver; records each step in its solver state.
+
+    The solver state is ``(inner_state, record)``; ``record`` holds ``n`` (accepted steps so
+    far), ``t``, ``dt``, ``error`` and optionally ``stiffness`` of shape ``(capacity,)`` in
+    solver time, and ``probes``: the dense-output state at each time in ``probe_ts``
+    ``(P, *y.shape)``. Steps, errors and dense output are the wrapped solver's own.
+    """
+
+    solver: dfx.AbstractAdaptiveSolver  # type: ignore[misc]
+    tab: Tableau | None = eqx.field(static=True)  # None: no stiffness (SDE step doubling)
+    capacity: int = eqx.field(static=True)
+    rtol: Any
+    atol: Any
+    norm: Callable[[Any], Any] = eqx.field(static=True)
+    probe_ts: jax.Array | None = None
+    #: the user's state ``y`` within the solver's state (``(y, r)`` of an augmented solve):
+    #: errors, stiffness and probes look at ``y`` only.
+    part: Callable[[Any], Any] = eqx.field(static=True, default=lambda y: y)
+    #: eager solves note the first trial step with non-finite values (the controller rejects
+    #: it, and the state rolls back), so that a solve that then runs out of steps can say why
+    watch: bool = eqx.field(static=True, default=False)
 
     def init(self, terms: Any, t0: Any, t1: Any, y0: jax.Array, args: Any) -> Any:
         inner = self.solver.init(terms, t0, t1, y0, args)

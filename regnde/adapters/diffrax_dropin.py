@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from diffrax._term import WrapTerm  # diffrax's own direction wrapper (pinned 0.7.2)
 
-from regnde.adapters.diffrax import make_key, scaled_error
+from regnde.adapters.diffrax import ForwardingSolver, make_key, scaled_error
 from regnde.regularizers import GlobalError, LocalError, as_regularizer
 from regnde.samplers import Unbiased
 
@@ -67,7 +67,7 @@ def _terms(regularizer: Any) -> tuple[tuple[float, str], ...]:
     return tuple(out)
 
 
-class Regularized(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):  # type: ignore[misc]
+class Regularized(ForwardingSolver):  # type: ignore[misc]
     """A diffrax solver that is ``solver`` plus a regularizer carried in its solver state.
 
     Args:
@@ -107,32 +107,10 @@ class Regularized(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):  # typ
         self.span = None if span is None else (jnp.asarray(span[0]), jnp.asarray(span[1]))
         self.rtol, self.atol, self.norm = rtol, atol, norm
 
-    # the wrapped solver's own properties
-    @property
-    def term_structure(self) -> Any:  # type: ignore[override]
-        return self.solver.term_structure
-
-    @property
-    def interpolation_cls(self) -> Any:  # type: ignore[override]
-        return self.solver.interpolation_cls
-
-    @property
-    def term_compatible_contr_kwargs(self) -> Any:  # type: ignore[override]
-        return self.solver.term_compatible_contr_kwargs
-
     @property
     def root_finder(self) -> Any:
         """An implicit solver's root finder (diffeqsolve sets its tolerances through here)."""
         return self.solver.root_finder  # type: ignore[attr-defined]
-
-    def order(self, terms: Any) -> Any:
-        return self.solver.order(terms)
-
-    def error_order(self, terms: Any) -> Any:
-        return self.solver.error_order(terms)
-
-    def func(self, terms: Any, t0: Any, y0: Any, args: Any) -> Any:
-        return self.solver.func(terms, t0, y0, args)
 
     def init(self, terms: Any, t0: Any, t1: Any, y0: Any, args: Any) -> Any:
         inner = self.solver.init(terms, t0, t1, y0, args)
