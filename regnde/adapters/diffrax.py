@@ -24,6 +24,7 @@ that is not FSAL evaluates ``f(t1, y1)`` for it: one evaluation more per step).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections.abc import Callable, Mapping
@@ -629,6 +630,11 @@ class DiffraxBackend(Backend):
         # One compiled call (inlined under an outer jit) instead of many small operations.
         out = _solve_jit(r.f, r.y0, t, key.key, static)
         if not traced:
+            if bool(out["failure"]["result"] != dfx.RESULTS.successful):
+                # diagnose a failed eager solve by running it again watching its trial steps
+                # (a cost paid on failure only: the watch slows compiling by about a third)
+                _NONFINITE.take()
+                _solve_jit(r.f, r.y0, t, key.key, dataclasses.replace(static, watch=True))
             _check_result_eager(out, static)
         trace = Trace(**out["trace"])
         stats = Stats(**out["stats"])
@@ -680,6 +686,7 @@ class _Static:
     controller: tuple[tuple[str, Any], ...]
     dt0: Any
     traced: bool
+    watch: bool = False
 
 
 def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[str, Any]:
@@ -719,7 +726,7 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
     # sampler that needs a state the solve did not announce (biased) gets it by a replay.
     keep_states = st.trace == "full"
     plain_solver = RecordingSolver(solver, tab, capacity, st.rtol, st.atol, controller.norm,
-                                   probe_ts, watch=not st.traced)
+                                   probe_ts, watch=st.watch)
     rec_solver = plain_solver if aug is None else aug.recording(plain_solver)
     aug_controller = controller if aug is None else aug.controller
     term = dfx.ODETerm(_VectorField(f_solve))
@@ -828,7 +835,7 @@ def _check_result_eager(out: dict[str, Any], st: _Static) -> None:
     """Raise regnde's own errors for a failed eager solve."""
     fail = out.pop("failure")
     result, n = fail["result"], int(fail["n"])
-    jax.effects_barrier()  # the debug callbacks of this solve have run
+    jax.effects_barrier()  # the debug callbacks of the watching rerun have run
     bad_t = _NONFINITE.take()
     if bool(result != dfx.RESULTS.successful) and bad_t is not None:
         raise NonFiniteError(non_finite_f(float(fail["direction"]) * bad_t))
