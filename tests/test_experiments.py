@@ -31,6 +31,8 @@ TINY = {
                    "n_points=5", "batch_size=8"],
     "spiral-sde": ["hidden=8", "paths=8", "n_true=20", "n_times=5"],
     "digits-nsde": ["hidden=8", "n_train=64", "n_eval=32", "batch_size=32"],
+    "mnist1d-node": ["hidden=8", "latent=4", "n_train=64", "n_eval=32", "batch_size=32"],
+    "mnist1d-nsde": ["hidden=8", "latent=4", "n_train=64", "n_eval=32", "batch_size=32"],
 }
 
 
@@ -62,6 +64,7 @@ def read_results(out: Path) -> dict:
     ("toy-cubic", "global-error"),
     ("cnf-2d", "local-error-biased"),
     ("latent-ode", "local-error-reference"),
+    ("mnist1d-node", "local-error-unbiased"),
 ])
 def test_experiment_runs_end_to_end(tmp_path, capsys, experiment, regularizer):
     out = tmp_path / "run"
@@ -82,7 +85,7 @@ def test_experiment_runs_end_to_end(tmp_path, capsys, experiment, regularizer):
     assert json.loads(capsys.readouterr().out)["eval_nfe"] == res["eval_nfe"]
 
 
-@pytest.mark.parametrize("experiment", ["spiral-sde", "digits-nsde"])
+@pytest.mark.parametrize("experiment", ["spiral-sde", "digits-nsde", "mnist1d-nsde"])
 def test_sde_experiments(tmp_path, capsys, experiment):
     code = main(tiny_args(experiment, tmp_path / "run", "none"))
     if "torchsde" in regnde.backends():
@@ -202,7 +205,7 @@ def test_unknown_experiment_backend_and_setting(tmp_path, capsys):
 # -- lambda chosen on validation ------------------------------------------------------------
 def test_selection_uses_validation_only():
     class Cls:
-        higher_is_better, select_tolerance = True, 0.01
+        higher_is_better, select_tolerance, select_relative = True, 0.01, False
 
     cands = [{"lam": "a", "val": {"metric": 0.90, "nfe": 30}},
              {"lam": "b", "val": {"metric": 0.895, "nfe": 20}},
@@ -210,6 +213,58 @@ def test_selection_uses_validation_only():
     assert runner.select(cands, Cls)["lam"] == "b"
     Cls.higher_is_better = False  # a loss: 0.80 is best, the others are far worse
     assert runner.select(cands, Cls)["lam"] == "c"
+
+
+def test_selection_compares_with_the_vanilla_run():
+    class Acc:
+        higher_is_better, select_tolerance, select_relative = True, 0.01, False
+
+    class Mse:
+        higher_is_better, select_tolerance, select_relative = False, 0.05, True
+
+    cands = [{"lam": "a", "val": {"metric": 0.90, "nfe": 30}},
+             {"lam": "b", "val": {"metric": 0.885, "nfe": 20}},
+             {"lam": "c", "val": {"metric": 0.80, "nfe": 14}}]
+    # within one point of the best candidate (0.90) would allow only a; of vanilla's 0.89: b
+    assert runner.select(cands, Acc)["lam"] == "a"
+    assert runner.select(cands, Acc, reference=0.89)["lam"] == "b"
+    # no candidate within one point of vanilla: the most accurate one, not the cheapest
+    assert runner.select(cands, Acc, reference=0.95)["lam"] == "a"
+    mse = [{"lam": "a", "val": {"metric": 1.00, "nfe": 30}},
+           {"lam": "b", "val": {"metric": 1.04, "nfe": 20}},
+           {"lam": "c", "val": {"metric": 1.06, "nfe": 14}}]
+    assert runner.select(mse, Mse, reference=1.0)["lam"] == "b"  # 5% of vanilla's MSE
+    assert runner.select(mse, Mse, reference=1.02)["lam"] == "c"
+
+
+def test_sweep_lam_scales_every_coefficient():
+    assert specs.sweep_lam("global-error", "2.5:1.0") == "0.25:0.1,2.5:1,25:10"
+    assert specs.sweep_lam("a+b", "cos:1:2+0.01") == ("cos:0.1:0.2+0.001,cos:1:2+0.01,"
+                                                      "cos:10:20+0.1")
+    assert specs.sweep_lam("none", "1") == "0"
+    with pytest.raises(ValueError, match="NFE target"):
+        specs.sweep_lam("global-error", "budget:40")
+    with pytest.raises(ValueError, match="already lists several"):
+        specs.sweep_lam("global-error", "1,2")
+
+
+def test_sweep_lam_from_the_command_line_picks_by_the_vanilla_run(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(tiny_args("toy-cubic", runs / "none" / "seed0")) == 0
+    args = tiny_args("toy-cubic", runs / "global-error" / "seed0", "global-error",
+                     "--sweep-lam", "--lam", "2")
+    assert main(args) == 0
+    res = read_results(runs / "global-error" / "seed0")
+    assert [c["lam"] for c in res["lam_candidates"]] == ["0.2", "2", "20"]
+    vanilla = read_results(runs / "none" / "seed0")
+    assert res["selection"]["reference"]["metric"] == vanilla["val"]["metric"]
+    assert "vanilla run's validation mse" in res["selection"]["rule"]
+    capsys.readouterr()
+    assert main(["report", str(runs), "--out", str(tmp_path / "r.md")]) == 0
+    assert (tmp_path / "r-pareto.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no results.json there"):
+        runner.run(tiny_spec("toy-cubic", tmp_path / "x", "global-error", lam="1,2",
+                             baseline=tmp_path / "nowhere"))
 
 
 def test_coefficient_sweep_trains_each_candidate(tmp_path):

@@ -40,8 +40,12 @@ class Experiment(ABC):
         backends: the backends this implementation runs on (first: default).
         metric: name of the headline metric (``accuracy``, ``nll``, ``mse``).
         higher_is_better: direction of ``metric``.
-        select_tolerance: a lambda candidate qualifies when its validation metric is within this
-            of the best candidate's; among those the lowest validation NFE wins.
+        select_tolerance, select_relative: a coefficient candidate qualifies when its validation
+            metric is worse than the reference's (the vanilla run's, else the best candidate's)
+            by at most ``select_tolerance`` (absolute: 0.01 = one point of accuracy) or, with
+            ``select_relative``, by at most ``select_tolerance * |reference|`` (0.05: 5% of an
+            MSE or NLL); among those the lowest validation NFE wins (see
+            :func:`regnde.experiments.runner.select`).
         lam_defaults: default coefficient spec per regularizer family (see
             :mod:`regnde.experiments.specs`).
         config_class: the configuration dataclass.
@@ -52,6 +56,7 @@ class Experiment(ABC):
     metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
     select_tolerance: ClassVar[float] = 0.01
+    select_relative: ClassVar[bool] = False
     lam_defaults: ClassVar[dict[str, str]] = {}
     config_class: ClassVar[type[Config]] = Config
     data_help: ClassVar[str] = "no --data option"
@@ -167,7 +172,7 @@ def _convert(config_class: type[Config], key: str, text: str) -> Any:
 
 
 def _load_builtin() -> None:
-    from regnde.experiments import cnf, latent, node, sde  # noqa: F401  (registers them)
+    from regnde.experiments import cnf, latent, mnist1d, node, sde  # noqa: F401  (registers)
 
     try:
         from regnde.experiments import jax_node  # noqa: F401  (JAX variants)

@@ -61,6 +61,13 @@ def add_parsers(subparsers: Any) -> None:
     budget.add_argument("--nfe-ratio", type=float, default=None, metavar="R",
                         help="likewise at R times the NFE of the first iterations "
                              "(--lam ratio:R)")
+    p.add_argument("--sweep-lam", action="store_true", dest="sweep",
+                   help="train the coefficient (--lam, or the experiment's default) times 0.1, "
+                        "1 and 10 and keep the one with the lowest validation NFE within 1 "
+                        "point of accuracy (5%% of MSE/NLL) of the vanilla run's")
+    p.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                   help="the vanilla run the sweep compares with (default: "
+                        "../../none/seed<seed> beside --out)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a configuration field (repeatable), e.g. --set hidden=16")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N")
@@ -117,7 +124,8 @@ def _run(args: argparse.Namespace) -> int:
                    backend=args.backend, full=args.full, seed=args.seed, out=args.out,
                    iters=args.iters, data=args.data, lam=lam,
                    overrides=_overrides(args.overrides), checkpoint_every=args.checkpoint_every,
-                   progress=not args.no_progress, force=args.force)
+                   progress=not args.no_progress, force=args.force, sweep=args.sweep,
+                   baseline=args.baseline)
     res = run(spec)
     if res.get("complete"):
         where = spec.out or "its run directory"

@@ -81,7 +81,8 @@ class CNF2D(ArrayExperiment):
     name = "cnf-2d"
     metric = "nll"
     higher_is_better = False
-    select_tolerance = 0.02
+    select_tolerance = 0.05
+    select_relative = True
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "1.0", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "0.5"}
     config_class = CNFConfig

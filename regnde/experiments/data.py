@@ -21,6 +21,7 @@ Every loader checks the format and raises :class:`DataError` naming the expected
 
 from __future__ import annotations
 
+import functools
 import gzip
 import struct
 from dataclasses import dataclass
@@ -294,3 +295,24 @@ def irregular_series(n: int, n_points: int, dim: int, seed: int) -> Records:
         mask[np.arange(n_points), rng.integers(0, dim, n_points)] = 1.0
         items.append((f"synthetic-{i}", tt, vals * mask, mask))
     return Records(items)
+
+
+@functools.cache
+def _mnist1d() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MNIST-1D (Greydanus 2020), its standard split generated offline by the ``mnist1d``
+    package from the templates it ships (never its download path): ``train`` 4000 and ``test``
+    1000 sequences, ``x`` float32 ``(N, 40)``, ``y`` int64 ``(N,)``."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise ModuleNotFoundError(
+            "MNIST-1D needs the mnist1d package: pip install 'regnde[experiments]'",
+            name="mnist1d") from None
+    d = make_dataset(get_dataset_args())  # about 2 s: made once per process
+    return {"train": (d["x"].astype(np.float32), d["y"].astype(np.int64)),
+            "test": (d["x_test"].astype(np.float32), d["y_test"].astype(np.int64))}
+
+
+def mnist1d() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MNIST-1D's standard split (see :func:`_mnist1d`), fresh copies."""
+    return {k: (x.copy(), y.copy()) for k, (x, y) in _mnist1d().items()}

@@ -95,7 +95,8 @@ class LatentODE(TorchExperiment):
     name = "latent-ode"
     metric = "mse"
     higher_is_better = False
-    select_tolerance = 1e-3
+    select_tolerance = 0.05
+    select_relative = True
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "100:10", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "0.5"}
     config_class = LatentConfig

@@ -145,7 +145,8 @@ class ToyCubic(ArrayExperiment):
     name = "toy-cubic"
     metric = "mse"
     higher_is_better = False
-    select_tolerance = 1e-3
+    select_tolerance = 0.05
+    select_relative = True
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "1.0", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "0.5"}
     config_class = CubicConfig

@@ -56,6 +56,21 @@ def group(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list
     return out
 
 
+#: The seed papers' NFE ratios (regularized / vanilla) for the setting an experiment scales
+#: down: MNIST NODE and MNIST NSDE (local regularization paper, Pal et al. 2023),
+#: PhysioNet latent ODE (same paper). Shown beside ours; ``–`` where a paper has none.
+PAPER_NFE_RATIOS: dict[tuple[str, str], str] = {
+    ("mnist1d-node", "local-error-unbiased"): "0.619x (MNIST)",
+    ("mnist1d-node", "local-error-biased"): "0.602x (MNIST)",
+    ("digits-node", "local-error-unbiased"): "0.619x (MNIST)",
+    ("digits-node", "local-error-biased"): "0.602x (MNIST)",
+    ("mnist1d-nsde", "local-error-unbiased"): "0.729-0.733x (MNIST)",
+    ("mnist1d-nsde", "local-error-biased"): "0.729-0.733x (MNIST)",
+    ("latent-ode", "local-error-unbiased"): "0.556-0.610x (PhysioNet)",
+    ("latent-ode", "local-error-biased"): "0.556-0.610x (PhysioNet)",
+}
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
     """The tables as Markdown."""
     lines = []
@@ -71,8 +86,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
             base_nfe = statistics.fmean(r["eval_nfe"] for r in by_reg["none"])
         lines += [f"### {experiment} ({backend})", "",
                   f"| Method | Seeds | λ | Train {metric}{unit} | Test {metric}{unit} | "
-                  f"Train time (s) | Prediction time (ms/batch) | NFE | NFE ratio |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"Train time (s) | Prediction time (ms/batch) | NFE | NFE ratio | "
+                  f"Paper's ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         order = sorted(by_reg, key=lambda k: (k != "none", k))
         for reg in order:
             rs = by_reg[reg]
@@ -85,7 +101,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 f"{_mean_std([r['test']['metric'] for r in rs], scale, digits)} | "
                 f"{_mean_std([r['training_seconds'] for r in rs], 1.0, 1)} | "
                 f"{_mean_std([r['prediction_seconds_per_batch'] for r in rs], 1e3, 2)} | "
-                f"{_mean_std(nfe, 1.0, 1)} | {ratio} |")
+                f"{_mean_std(nfe, 1.0, 1)} | {ratio} | "
+                f"{PAPER_NFE_RATIOS.get((experiment, reg), '–')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -118,10 +135,75 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                             binary=True)
 
 
+def sweeps(results: list[dict[str, Any]]
+           ) -> dict[tuple[str, str], dict[str, list[tuple[float, float, str, bool]]]]:
+    """The coefficient sweeps among ``results``: ``{(experiment, backend): {regularizer:
+    [(validation NFE, validation metric, lam, chosen), ...]}}``, vanilla runs as one point
+    each (averaged over seeds where a coefficient was trained with several seeds' sweeps)."""
+    out: dict[tuple[str, str], dict[str, list[tuple[float, float, str, bool]]]] = \
+        defaultdict(lambda: defaultdict(list))
+    for (experiment, backend), by_reg in group(results).items():
+        for reg, rs in by_reg.items():
+            points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            chosen: set[str] = set()
+            for r in rs:
+                cands = r.get("lam_candidates") or [{"lam": r["lam"], "val": r["val"]}]
+                if reg != "none" and len(cands) < 2:
+                    continue
+                chosen.add(r["lam"])
+                for c in cands:
+                    points[c["lam"]].append((c["val"]["nfe"], c["val"]["metric"]))
+            for lam, ps in points.items():
+                out[(experiment, backend)][reg].append(
+                    (statistics.fmean(p[0] for p in ps), statistics.fmean(p[1] for p in ps),
+                     lam, lam in chosen))
+    return out
+
+
+def pareto_plot(results: list[dict[str, Any]], path: Path) -> bool:
+    """Validation NFE against the validation metric, one curve per regularizer over its
+    coefficient sweep (``regnde run --sweep-lam``), the chosen coefficient circled and the
+    vanilla run as a star; one panel per experiment. ``False`` (nothing written) if no run
+    swept a coefficient."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = sorted((k, v) for k, v in sweeps(results).items()
+                    if any(reg != "none" for reg in v))
+    if not groups:
+        return False
+    fig = Figure(figsize=(5.5 * len(groups), 4.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, ((experiment, backend), by_reg) in zip(axes, groups, strict=True):
+        metric = next(r["metric"] for r in results if r["experiment"] == experiment)
+        for reg, pts in sorted(by_reg.items()):
+            pts = sorted(pts)
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            if reg == "none":
+                ax.scatter(xs, ys, marker="*", s=150, color="black", label="none", zorder=3)
+                continue
+            line = ax.plot(xs, ys, marker="o", label=reg)[0]
+            for x, y, lam, chosen in pts:
+                ax.annotate(lam, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                if chosen:
+                    ax.scatter([x], [y], s=160, facecolors="none",
+                               edgecolors=line.get_color(), zorder=3)
+        ax.set_xlabel("validation NFE")
+        ax.set_ylabel(f"validation {metric}")
+        ax.set_title(f"{experiment} ({backend}): coefficient sweeps")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    checkpoint.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100),
+                            binary=True)
+    return True
+
+
 def report(dirs: list[str | Path], out: Path | None = None, plot_path: Path | None = None
            ) -> str:
     """Markdown tables for the runs under ``dirs``; written to ``out`` if given, with the plot
-    at ``plot_path`` (default: ``out`` with suffix ``.png``)."""
+    at ``plot_path`` (default: ``out`` with suffix ``.png``) and, where runs swept their
+    coefficient, the Pareto plot beside it (``<plot>-pareto.png``)."""
     results = find_results(dirs)
     text = markdown(results)
     if out is not None:
@@ -129,4 +211,6 @@ def report(dirs: list[str | Path], out: Path | None = None, plot_path: Path | No
         plot_path = plot_path or Path(out).with_suffix(".png")
     if plot_path is not None:
         plot(results, Path(plot_path))
+        pareto = Path(plot_path).with_name(Path(plot_path).stem + "-pareto.png")
+        pareto_plot(results, pareto)
     return text

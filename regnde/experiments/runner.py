@@ -9,10 +9,12 @@ Layout of a run directory (``--out``, default ``runs/<experiment>/<regularizer>/
   per batch, configuration, seed and library versions (written atomically at the end).
 - ``history.json`` and ``training.png``: per-iteration loss, regularizer, coefficients and NFE.
 
-With several coefficient candidates (``--lam 1,3,10``) every candidate trains in its own
-subdirectory ``lam=<value>``; the one with the lowest validation NFE among those whose
-validation metric is within the experiment's tolerance of the best is chosen, and only it is
-evaluated on the test split.
+With several coefficient candidates (``--lam 1,3,10``, or ``--sweep-lam``: the default
+coefficient times 0.1, 1 and 10) every candidate trains in its own subdirectory ``lam=<value>``;
+the one with the lowest validation NFE among those whose validation metric is within the
+experiment's tolerance of the vanilla run's (one point of accuracy, 5% of an MSE or NLL) is
+chosen, and only it is evaluated on the test split (:func:`select`). The vanilla run is read
+from ``--baseline DIR``, by default ``../../none/seed<seed>`` beside the run directory.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class RunSpec:
     checkpoint_every: int = 50
     progress: bool = True
     force: bool = False
+    sweep: bool = False
+    baseline: Path | None = None
 
 
 Callback = Callable[[int], None]
@@ -93,6 +97,8 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
     config = base.make_config(cls, spec.full, spec.iters, spec.overrides)
     lam_text = spec.lam if spec.lam is not None else specs.default_lam(spec.regularizer,
                                                                       cls.lam_defaults)
+    if spec.sweep:
+        lam_text = specs.sweep_lam(spec.regularizer, lam_text)
     candidates = [c.strip() for c in lam_text.split(",") if c.strip()]
     if spec.regularizer == "none":
         candidates = ["0"]
@@ -113,7 +119,8 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
         val = exp.evaluate("val")
         trained.append({"lam": lam, "dir": str(where), "val": val, "training_seconds": seconds,
                         "exp": exp, "history": history})
-    chosen = select(trained, cls)
+    reference = baseline_metric(spec, out) if len(trained) > 1 else None
+    chosen = select(trained, cls, None if reference is None else reference["metric"])
     exp = chosen["exp"]
     results = {
         "format": RESULTS_FORMAT,
@@ -125,6 +132,7 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
         "full": spec.full,
         "data": spec.data or "builtin",
         "lam": chosen["lam"],
+        "selection": selection_note(cls, reference, len(trained)),
         "lam_candidates": [{"lam": t["lam"], "dir": t["dir"], "val": t["val"],
                             "training_seconds": t["training_seconds"]} for t in trained],
         "metric": cls.metric,
@@ -165,13 +173,55 @@ def finished(out: Path, spec: RunSpec, backend: str, iters: int, candidates: lis
     return {**stored, "complete": True}
 
 
-def select(trained: list[dict[str, Any]], cls: type[base.Experiment]) -> dict[str, Any]:
-    """The candidate with the lowest validation NFE among those whose validation metric is
-    within ``cls.select_tolerance`` of the best one. Never looks at the test split."""
+def select(trained: list[dict[str, Any]], cls: type[base.Experiment],
+           reference: float | None = None) -> dict[str, Any]:
+    """The candidate with the lowest validation NFE among those whose validation metric is no
+    worse than ``reference`` (the vanilla run's validation metric; ``None``: the best
+    candidate's) by more than the experiment's tolerance (:attr:`base.Experiment.
+    select_tolerance`, relative with ``select_relative``). If none qualifies, the one with the
+    best validation metric. Never looks at the test split."""
     sign = 1.0 if cls.higher_is_better else -1.0
-    best = max(sign * t["val"]["metric"] for t in trained)
-    ok = [t for t in trained if sign * t["val"]["metric"] >= best - cls.select_tolerance]
+    ref = max(sign * t["val"]["metric"] for t in trained) if reference is None \
+        else sign * reference
+    slack = cls.select_tolerance * (abs(ref) if cls.select_relative else 1.0)
+    ok = [t for t in trained if sign * t["val"]["metric"] >= ref - slack]
+    if not ok:
+        return max(trained, key=lambda t: (sign * t["val"]["metric"], -t["val"]["nfe"]))
     return min(ok, key=lambda t: (t["val"]["nfe"], -sign * t["val"]["metric"]))
+
+
+def baseline_metric(spec: RunSpec, out: Path) -> dict[str, Any] | None:
+    """The vanilla run's validation metric and where it came from: ``spec.baseline`` or the
+    run directory's sibling ``../../none/seed<seed>``; ``None`` if there is no finished vanilla
+    run of the same experiment, backend and seed there."""
+    where = spec.baseline if spec.baseline is not None else \
+        out.parent.parent / "none" / f"seed{spec.seed}"
+    path = Path(where) / RESULTS
+    if not path.exists():
+        if spec.baseline is not None:
+            raise ValueError(f"--baseline {where}: no {RESULTS} there; run the vanilla model "
+                             f"first (regnde run {spec.experiment} --seed {spec.seed} --out "
+                             f"{where}).")
+        return None
+    stored = json.loads(path.read_text())
+    if stored.get("regularizer") != "none" or stored.get("experiment") != spec.experiment:
+        raise ValueError(f"--baseline {where} holds a {stored.get('experiment')} run with "
+                         f"regularizer {stored.get('regularizer')!r}; it must be a vanilla "
+                         f"(regularizer none) run of {spec.experiment}.")
+    return {"metric": stored["val"]["metric"], "dir": str(where)}
+
+
+def selection_note(cls: type[base.Experiment], reference: dict[str, Any] | None,
+                   n: int) -> dict[str, Any]:
+    """How the coefficient was chosen, for ``results.json``."""
+    if n == 1:
+        return {"rule": "single candidate"}
+    tol = (f"{cls.select_tolerance:.0%} of" if cls.select_relative
+           else f"{cls.select_tolerance:g} of")
+    against = "the vanilla run's" if reference is not None else "the best candidate's (no " \
+        "vanilla run found)"
+    return {"rule": f"lowest validation NFE within {tol} {against} validation {cls.metric}",
+            "reference": reference}
 
 
 def identity(cls: type[base.Experiment], config: base.Config, backend: str, spec: RunSpec,

@@ -108,7 +108,8 @@ class SpiralSDE(TorchExperiment):
     backends = ("torchsde",)
     metric = "moment_loss"
     higher_is_better = False
-    select_tolerance = 1e-2
+    select_tolerance = 0.05
+    select_relative = True
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "1000", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "0.5"}
     config_class = SpiralConfig

@@ -264,3 +264,39 @@ def default_lam(spec: str, defaults: dict[str, str]) -> str:
     if not terms:
         return "0"
     return "+".join(defaults[t.family] for t in terms)
+
+
+#: The factors :func:`sweep_lam` applies to an experiment's default coefficient: two decades.
+SWEEP_FACTORS = (0.1, 1.0, 10.0)
+
+
+def scale_lam(lam: str, factor: float) -> str:
+    """One ``--lam`` candidate with every coefficient multiplied by ``factor`` (constants, both
+    ends of ``X:Y`` and ``cos:X:Y``, every term of a sum). NFE budgets are not coefficients
+    and are refused."""
+    def one(text: str) -> str:
+        text = text.strip()
+        if text.startswith(("budget:", "ratio:")):
+            raise ValueError(f"--sweep-lam scales coefficients; {text!r} is an NFE target, "
+                             f"not a coefficient. Drop --sweep-lam or the budget.")
+        head, values = ("cos:", text[4:]) if text.startswith("cos:") else ("", text)
+        try:
+            scaled = [f"{float(v) * factor:g}" for v in values.split(":")]
+        except ValueError:
+            raise ValueError(f"bad coefficient {text!r} in a sweep: use X, X:Y or cos:X:Y.")\
+                from None
+        return head + ":".join(scaled)
+
+    return "+".join(one(p) for p in lam.split("+"))
+
+
+def sweep_lam(spec: str, base_lam: str, factors: tuple[float, ...] = SWEEP_FACTORS) -> str:
+    """The comma-separated candidates of ``--sweep-lam``: ``base_lam`` (the experiment's
+    default for ``spec``, or the user's ``--lam``) times each of ``factors``."""
+    if spec == "none":
+        return "0"
+    if "," in base_lam:
+        raise ValueError(f"--sweep-lam builds the candidates from one coefficient; --lam "
+                         f"{base_lam!r} already lists several. Pass one of them, or drop "
+                         f"--sweep-lam to train exactly those.")
+    return ",".join(scale_lam(base_lam, f) for f in factors)
