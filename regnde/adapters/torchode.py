@@ -171,7 +171,8 @@ class Recorder:
             c[name].append(x)
         if self.keep_states:
             c["y"].append(y0 if self.request.trace == "full" else y0.detach())
-        stiff = self.stepper.stiffness(data.k, dt.detach())
+        # finished samples step by dt = 0: divide by 1 there (no NaN in their zero gradient)
+        stiff = self.stepper.stiffness(data.k, torch.where(acc, dt.detach(), 1.0))
         if stiff is not None:
             c["stiff"].append(stiff)
         t1 = t0 + dt
