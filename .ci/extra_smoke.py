@@ -1,6 +1,6 @@
 """Solve one problem with a regularizer in an environment that has ONE extra installed.
 
-Usage: python .ci/extra_smoke.py torch|torchsde|jax
+Usage: python .ci/extra_smoke.py torch|torchsde|torchode|jax
 
 Checks what a user of that extra alone meets: the backend is registered and works, the others'
 libraries are absent (so nothing imported them by accident), and asking for a backend whose
@@ -18,10 +18,12 @@ from regnde import regularizers as R
 #: what must NOT be installed by each extra (the experiment runner's dependencies included:
 #: they belong to the ``experiments`` extra, not to the core)
 RUNNER = ("tqdm", "matplotlib", "sklearn")
-OTHERS = {"torch": ("torchsde", "jax", "diffrax", *RUNNER),
-          "torchsde": ("torchdiffeq", "jax", "diffrax", *RUNNER),
-          "jax": ("torch", "torchdiffeq", "torchsde", *RUNNER)}
-BACKEND = {"torch": "torchdiffeq", "torchsde": "torchsde", "jax": "diffrax"}
+OTHERS = {"torch": ("torchsde", "torchode", "jax", "diffrax", *RUNNER),
+          "torchsde": ("torchdiffeq", "torchode", "jax", "diffrax", *RUNNER),
+          "torchode": ("torchdiffeq", "torchsde", "jax", "diffrax", *RUNNER),
+          "jax": ("torch", "torchdiffeq", "torchsde", "torchode", *RUNNER)}
+BACKEND = {"torch": "torchdiffeq", "torchsde": "torchsde", "torchode": "torchode",
+           "jax": "diffrax"}
 
 
 def main(extra: str) -> None:
@@ -83,6 +85,14 @@ def main(extra: str) -> None:
 
         sol = regnde.solve(SDE(), torch.ones(8, 2), torch.linspace(0, 1, 3),
                            regularizer=R.LocalError(), key=0)
+        value = sol.reg
+    elif extra == "torchode":
+        import torch
+
+        lin = torch.nn.Linear(3, 3)
+        sol = regnde.solve(lambda t, y: torch.tanh(lin(y)), torch.ones(4, 3),
+                           torch.linspace(0, 1, 3), backend="torchode",
+                           regularizer=R.LocalError() + R.GlobalError(), key=0)
         value = sol.reg
     else:
         import jax.numpy as jnp

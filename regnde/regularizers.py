@@ -194,15 +194,28 @@ class Sum(Regularizer):
 
 
 def _masked(trace: Trace, values: Array, reduction: str) -> Array:
+    """``reduction`` of ``values`` over the real entries; on a per-sample trace (``values`` of
+    ``(batch, N)``) the mean over samples of each sample's reduction."""
     xp = array_namespace(values)
     mask = trace.mask
+    per_sample = values.ndim == 2
+    axis = -1 if per_sample else None
     if reduction == "max":
-        return xp.max(xp.where(mask, values, xp.asarray(-math.inf, dtype=values.dtype)))
-    total = xp.sum(xp.where(mask, values, xp.zeros_like(values)))
-    if reduction == "mean":
-        n = xp.sum(xp.astype(mask, values.dtype))
-        return total / xp.maximum(n, xp.ones_like(n))
-    return total
+        out = xp.max(xp.where(mask, values, xp.asarray(-math.inf, dtype=values.dtype)),
+                     axis=axis)
+    else:
+        out = xp.sum(xp.where(mask, values, xp.zeros_like(values)), axis=axis)
+        if reduction == "mean":
+            n = xp.sum(xp.astype(mask, values.dtype), axis=axis)
+            out = out / xp.maximum(n, xp.ones_like(n))
+    return xp.mean(out) if per_sample else out
+
+
+def _sample_mean(value: Array) -> Array:
+    """A local step's score: scalar, or one per sample (per-sample traces), then averaged."""
+    if value.ndim == 0:
+        return value
+    return array_namespace(value).mean(value)
 
 
 def _check_reduction(reduction: str) -> str:
@@ -312,14 +325,18 @@ def resolve_sampler(sampler: str | Sampler) -> Sampler:
 
 
 def containing_step(run: Any, tau: Array) -> Array:
-    """Index of the accepted step that contains ``tau`` (a scalar integer array)."""
+    """Index of the accepted step that contains ``tau`` (a scalar integer array); on a
+    per-sample trace, one index per sample (``tau`` a scalar or one per sample)."""
     trace = run.trace
     xp = array_namespace(trace.t)
     direction = xp.sign(run.t1 - run.t0)
+    axis = None
+    if trace.t.ndim == 2:
+        tau, axis = xp.reshape(tau, (-1, 1)), -1
     started = trace.mask & ((tau - trace.t) * direction >= 0)
     index = index_dtype(xp)
-    n = xp.sum(xp.astype(trace.mask, index))
-    return xp.clip(xp.sum(xp.astype(started, index)) - 1, 0, n - 1)
+    n = xp.sum(xp.astype(trace.mask, index), axis=axis)
+    return xp.clip(xp.sum(xp.astype(started, index), axis=axis) - 1, 0, n - 1)
 
 
 class _Local(Regularizer, ABC):
@@ -394,7 +411,8 @@ class _Local(Regularizer, ABC):
         return bool(self.sampler.needs_trace)
 
     def value(self, run: Any, key: Any, presampled: Presampled) -> Array:
-        values = [self.score(run, *self.local_step(run, k, presampled.get((id(self), i))))
+        values = [_sample_mean(self.score(run, *self.local_step(run, k,
+                                                                presampled.get((id(self), i)))))
                   for i, k in enumerate(self._keys(key))]
         return values[0] if self.samples == 1 else sum(values[1:], values[0]) / self.samples
 
@@ -633,6 +651,10 @@ def _where_non_finite(run: Any) -> str:
         bad = bad | ~xp.isfinite(trace.stiffness)
     bad = bad & trace.mask
     if bool(xp.any(bad)):
+        if bad.ndim == 2:  # per-sample trace
+            b = int(xp.argmax(xp.astype(xp.any(bad, axis=-1), xp.int32)))
+            j = int(xp.argmax(xp.astype(bad[b], xp.int32)))
+            return f"first at accepted step {j} of sample {b}, t={float(trace.t[b, j]):.6g}"
         j = int(xp.argmax(xp.astype(bad, xp.int32)))
         return f"first at accepted step {j}, t={float(trace.t[j]):.6g}"
     return "in the regularizer's extra step"

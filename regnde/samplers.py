@@ -1,6 +1,7 @@
 """Where a local regularizer takes its extra step: samplers of ``tau``.
 
-A sampler's ``sample(trace, t0, t1, key)`` returns ``tau``, a scalar of the backend. Samplers use
+A sampler's ``sample(trace, t0, t1, key)`` returns ``tau``, a scalar of the backend (for a
+per-sample trace, :class:`regnde.Trace`, a scalar or one ``tau`` per sample). Samplers use
 array-API operations only (no Python loop over steps, no branch on array values), so the same
 code runs eagerly on torch and compiled on JAX.
 """
@@ -85,7 +86,10 @@ class Unbiased(Sampler):
 
 class Biased(Sampler):
     """``tau`` uniform over the accepted step starts ``trace.t`` (never ``t1``): samples
-    concentrate where the solver steps densely."""
+    concentrate where the solver steps densely.
+
+    On a per-sample trace (``(batch, N)``) it returns one ``tau`` per sample: the same uniform
+    draw picks the step of each sample, so each sample's ``tau`` is uniform over its own steps."""
 
     name = "biased"
     needs_trace = True
@@ -95,7 +99,8 @@ class Biased(Sampler):
             raise ValueError("the biased sampler needs the solve's trace of step times.")
         xp = array_namespace(trace.t)
         u = key.uniform(trace.t[0])
-        n = xp.sum(xp.astype(trace.mask, index_dtype(xp)))
+        axis = -1 if trace.t.ndim == 2 else None  # per-sample traces: one index per sample
+        n = xp.sum(xp.astype(trace.mask, index_dtype(xp)), axis=axis)
         index = xp.astype(xp.floor(u * xp.astype(n, u.dtype)), index_dtype(xp))
         index = xp.clip(index, 0, n - 1)
         return take(trace.t, index)
@@ -108,8 +113,11 @@ def index_dtype(xp: Any) -> Any:
 
 
 def take(x: Array, index: Array) -> Array:
-    """``x[index]`` for a scalar integer array ``index``, on any array library."""
+    """``x[index]`` for a scalar integer array ``index``, on any array library; for a
+    per-sample ``x`` of shape ``(batch, N)``, ``x[b, index[b]]`` for each sample ``b``."""
     xp = array_namespace(x)
+    if x.ndim == 2:
+        return xp.take_along_axis(x, xp.reshape(index, (-1, 1)), axis=-1)[:, 0]
     return xp.take(x, xp.reshape(index, (1,)), axis=0)[0]
 
 

@@ -20,6 +20,14 @@ class Trace:
     Shapes: ``N`` accepted steps in eager mode; under ``jax.jit`` ``N`` is a fixed capacity and
     ``mask`` marks the real entries.
 
+    Per-sample form (backends whose samples step independently, torchode): every per-step
+    field has a leading batch axis, ``(batch, N)`` (``y``: ``(batch, N, *y0.shape[1:])``), ``N``
+    the most steps any sample took, ``mask[b]`` marking sample ``b``'s own steps and
+    ``n_steps`` a ``(batch,)`` tensor. Regularizers reduce each sample's steps and take the
+    mean over samples; samplers return one ``tau`` per sample (or one for all), and
+    :meth:`regnde.backend.Run.step` takes per-sample ``tau``/``dt`` and returns per-sample
+    errors.
+
     Attributes:
         t: ``(N,)`` start time of each step.
         dt: ``(N,)`` signed step length, the last one clipped to the end time; constant.
@@ -55,8 +63,9 @@ class StepResult:
 
     Attributes:
         t: start time; ``dt``: signed step size; ``y1``: state at ``t + dt``.
-        error: scaled error estimate (scalar), differentiable w.r.t. ``y`` and parameters.
-        stiffness: Shampine's estimate (scalar) or ``None``.
+        error: scaled error estimate (scalar; ``(batch,)`` on backends whose samples step
+            independently), differentiable w.r.t. ``y`` and parameters.
+        stiffness: Shampine's estimate (scalar, or ``(batch,)`` like ``error``) or ``None``.
         stages: ``(stages, *y.shape)`` stage derivatives ``k_i = f(t + c_i dt, Y_i)``.
     """
 

@@ -27,7 +27,7 @@ from .helpers import (
 )
 
 #: The backends regnde registers itself (built-in plugins).
-BUILTIN_BACKENDS = ["diffrax", "torchdiffeq", "torchsde"]
+BUILTIN_BACKENDS = ["diffrax", "torchdiffeq", "torchode", "torchsde"]
 
 BUILTIN_METHODS = ["bosh3", "dopri5", "dopri8", "fehlberg2", "heun", "tsit5"]
 

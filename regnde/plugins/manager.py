@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "regnde.adapters.torchdiffeq",
     "regnde.adapters.torchsde",
     "regnde.adapters.diffrax",
+    "regnde.adapters.torchode",
 )
 
 KINDS = {
@@ -213,6 +214,7 @@ _BACKEND_HINTS = {
     "torchdiffeq": "Install it with `pip install regnde[torch]`.",
     "torchsde": "Install it with `pip install regnde[torchsde]`.",
     "diffrax": "Install it with `pip install regnde[jax]`.",
+    "torchode": "Install it with `pip install regnde[torchode]`.",
 }
 
 
