@@ -8,7 +8,14 @@ vanilla run's); then the other seeds with the chosen coefficient. Runs go ``--jo
 only wall times, which the timing pass measures apart on a quiet machine). A run that finished
 is skipped (``regnde run`` says so), so the script can be stopped and started again.
 
+Timing (``--timing``) is a second pass, on a quiet machine: seed 0 of every method is
+trained again at its chosen coefficient, one run at a time with one thread, into
+``benchmarks/results/experiments-timing/``; the report's time columns then come from these
+runs (total training time, its ratio to vanilla's, the median prediction time per test batch
+with the warm-up left out).
+
     python benchmarks/experiments.py --experiments mnist1d-node --jobs 2
+    python benchmarks/experiments.py --experiments mnist1d-node --timing
     python benchmarks/experiments.py --report-only
 
 Results: ``benchmarks/results/experiments/<experiment>/<regularizer>/seed<k>/``; the tables
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent / "results" / "experiments"
+TIMING = ROOT.with_name("experiments-timing")
 
 #: Regularizers per experiment, in the order they are run (most informative first).
 METHODS = {
@@ -41,8 +50,8 @@ METHODS = {
 }
 
 
-def run(experiment: str, reg: str, seed: int, extra: list[str]) -> dict:
-    out = ROOT / experiment / reg / f"seed{seed}"
+def run(experiment: str, reg: str, seed: int, extra: list[str], root: Path = ROOT) -> dict:
+    out = root / experiment / reg / f"seed{seed}"
     cmd = [sys.executable, "-m", "regnde", "run", experiment, "--regularizer", reg,
            "--seed", str(seed), "--threads", "1", "--no-progress", "--out", str(out), *extra]
     start = time.time()
@@ -68,6 +77,21 @@ def experiment_jobs(experiment: str, methods: list[str], seeds: list[int], jobs:
         list(pool.map(lambda a: run(experiment, a[0], a[1], ["--lam", a[2], *extra]), rest))
 
 
+def timing_jobs(experiment: str, methods: list[str]) -> None:
+    """Seed 0 of vanilla and of each method at its chosen coefficient, one after another."""
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.2f} before timing; timings want a quiet machine",
+              flush=True)
+    for reg in ["none", *methods]:
+        path = ROOT / experiment / reg / "seed0" / "results.json"
+        if not path.exists():
+            print(f"skipped timing of {experiment} {reg}: {path} is missing", flush=True)
+            continue
+        lam = json.loads(path.read_text())["lam"]
+        run(experiment, reg, 0, [] if reg == "none" else ["--lam", lam], root=TIMING)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--experiments", nargs="+", default=list(METHODS))
@@ -76,15 +100,21 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--timing", action="store_true",
+                   help="the timing pass (one run at a time; needs the table's runs)")
     args = p.parse_args()
     start = time.time()
     if not args.report_only:
         for experiment in args.experiments:
             methods = args.methods or METHODS[experiment]
-            experiment_jobs(experiment, methods, args.seeds, args.jobs, [])
+            if args.timing:
+                timing_jobs(experiment, methods)
+            else:
+                experiment_jobs(experiment, methods, args.seeds, args.jobs, [])
     print(f"runs took {time.time() - start:.0f} s", flush=True)
+    timing = ["--timing", str(TIMING)] if TIMING.exists() else []
     subprocess.run([sys.executable, "-m", "regnde", "report", str(ROOT), "--out",
-                    str(ROOT / "report.md")], check=True)
+                    str(ROOT / "report.md"), *timing], check=True)
 
 
 if __name__ == "__main__":

@@ -528,6 +528,22 @@ def test_report_tables_and_plot(tmp_path, capsys):
         report([tmp_path / "runs" / "none" / "s0" / "history.json"])
 
 
+def test_report_takes_times_from_timing_runs(tmp_path):
+    for reg in ("none", "global-error"):
+        runner.run(tiny_spec("toy-cubic", tmp_path / "runs" / reg / "s0", reg))
+        runner.run(tiny_spec("toy-cubic", tmp_path / "timing" / reg / "s0", reg))
+    res = read_results(tmp_path / "runs" / "none" / "s0")
+    assert res["train_seconds_per_iter_median"] > 0 and res["train_warmup_seconds"] > 0
+    assert res["test"]["seconds_per_batch_median"] > 0
+    both = report([tmp_path / "runs"], timing=[tmp_path / "timing"])
+    alone = report([tmp_path / "runs"])
+    assert "*" not in both.split("Times without")[0] and "one run at a time" in both
+    assert "| none | 1 | – |" in alone and "*" in alone and "shared the machine" in alone
+    timed = read_results(tmp_path / "timing" / "global-error" / "s0")
+    row = next(line for line in both.splitlines() if line.startswith("| global-error"))
+    assert f"| {timed['training_seconds']:.1f} |" in row
+
+
 def test_steer_term_becomes_a_random_end_time_while_training():
     t = torch.tensor([0.0, 1.0])
     reg = 0.5 * specs.Steer() + 2.0 * R.LocalError()

@@ -91,7 +91,9 @@ class Experiment(ABC):
     @abstractmethod
     def evaluate(self, split: str) -> dict[str, float]:
         """Metrics on ``split`` (``train``/``val``/``test``): ``metric``, ``loss``, ``nfe``
-        (mean forward NFE per batch) and ``seconds_per_batch`` (prediction time)."""
+        (mean forward NFE per batch), ``seconds_per_batch`` (mean prediction time) and
+        ``seconds_per_batch_median`` / ``warmup_seconds`` (the median without the first batch,
+        and the first batch's time: caches, JAX compilation)."""
 
     @abstractmethod
     def state(self) -> dict[str, Any]:

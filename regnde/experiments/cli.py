@@ -89,6 +89,9 @@ def add_parsers(subparsers: Any) -> None:
                    help="write the Markdown here (and the plot next to it as .png)")
     r.add_argument("--plot", type=Path, default=None, metavar="FILE",
                    help="where to write the plot (default: --out with suffix .png)")
+    r.add_argument("--timing", nargs="+", default=None, metavar="DIR",
+                   help="runs made for timing alone (one at a time, quiet machine): the time "
+                        "columns come from them")
     r.set_defaults(handler=_report)
 
 
@@ -161,7 +164,7 @@ def limit_xla_threads(n: int) -> bool:
 def _report(args: argparse.Namespace) -> int:
     from regnde.experiments.report import report
 
-    text = report(args.dirs, out=args.out, plot_path=args.plot)
+    text = report(args.dirs, out=args.out, plot_path=args.plot, timing=args.timing)
     if args.out is None:
         print(text)
     else:

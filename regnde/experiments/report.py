@@ -71,8 +71,24 @@ PAPER_NFE_RATIOS: dict[tuple[str, str], str] = {
 }
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
-    """The tables as Markdown."""
+def _pred_seconds(r: dict[str, Any]) -> float:
+    """Prediction seconds per test batch: the median without warm-up where recorded."""
+    return float(r["test"].get("seconds_per_batch_median", r["prediction_seconds_per_batch"]))
+
+
+def _ratio(value: float, base: float | None, invert: bool = False) -> str:
+    if not base or not value:
+        return "–"
+    return f"{(base / value if invert else value / base):.2f}x"
+
+
+def markdown(results: list[dict[str, Any]], timing: list[dict[str, Any]] | None = None) -> str:
+    """The tables as Markdown.
+
+    ``timing``: runs made for timing alone (one seed per regularizer, one run at a time on a
+    quiet machine, see ``benchmarks/experiments.py --timing``); where one exists for an
+    experiment and regularizer, the time columns come from it, else from the table's runs."""
+    timed = {(r["experiment"], r["backend"], r["regularizer"]): r for r in timing or []}
     lines = []
     for (experiment, backend), by_reg in sorted(group(results).items()):
         first = next(iter(by_reg.values()))[0]
@@ -81,28 +97,51 @@ def markdown(results: list[dict[str, Any]]) -> str:
         unit = " (%)" if pct else ""
         scale = 100.0 if pct else 1.0
         digits = 2 if pct else 4
-        base_nfe = None
+
+        def times(reg: str, group: tuple[str, str] = (experiment, backend),
+                  by_reg: dict[str, list[dict[str, Any]]] = by_reg
+                  ) -> tuple[list[float], list[float], bool]:
+            t = timed.get((*group, reg))
+            rs = [t] if t is not None else by_reg[reg]
+            return ([r["training_seconds"] for r in rs], [_pred_seconds(r) for r in rs],
+                    t is not None)
+
+        base_nfe = base_train = base_pred = None
         if "none" in by_reg:
             base_nfe = statistics.fmean(r["eval_nfe"] for r in by_reg["none"])
+            train0, pred0, _ = times("none")
+            base_train, base_pred = statistics.fmean(train0), statistics.fmean(pred0)
         lines += [f"### {experiment} ({backend})", "",
-                  f"| Method | Seeds | λ | Train {metric}{unit} | Test {metric}{unit} | "
-                  f"Train time (s) | Prediction time (ms/batch) | NFE | NFE ratio | "
-                  f"Paper's ratio |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"| Method | Seeds | λ | Train {metric}{unit} | Test {metric}{unit} | NFE | "
+                  f"NFE ratio | Paper's NFE ratio | Train time (s) | Train time ratio | "
+                  f"Prediction (ms/batch) | Prediction speed-up |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         order = sorted(by_reg, key=lambda k: (k != "none", k))
+        sources = set()
         for reg in order:
             rs = by_reg[reg]
             nfe = [r["eval_nfe"] for r in rs]
-            ratio = f"{statistics.fmean(nfe) / base_nfe:.2f}x" if base_nfe else "–"
             lams = sorted({r["lam"] for r in rs})
+            train, pred, quiet = times(reg)
+            sources.add(quiet)
             lines.append(
                 f"| {reg} | {len(rs)} | {', '.join(lams) if reg != 'none' else '–'} | "
                 f"{_mean_std([r['train']['metric'] for r in rs], scale, digits)} | "
                 f"{_mean_std([r['test']['metric'] for r in rs], scale, digits)} | "
-                f"{_mean_std([r['training_seconds'] for r in rs], 1.0, 1)} | "
-                f"{_mean_std([r['prediction_seconds_per_batch'] for r in rs], 1e3, 2)} | "
-                f"{_mean_std(nfe, 1.0, 1)} | {ratio} | "
-                f"{PAPER_NFE_RATIOS.get((experiment, reg), '–')} |")
+                f"{_mean_std(nfe, 1.0, 1)} | {_ratio(statistics.fmean(nfe), base_nfe)} | "
+                f"{PAPER_NFE_RATIOS.get((experiment, reg), '–')} | "
+                f"{_mean_std(train, 1.0, 1)}{'' if quiet else '*'} | "
+                f"{_ratio(statistics.fmean(train), base_train)} | "
+                f"{_mean_std(pred, 1e3, 2)}{'' if quiet else '*'} | "
+                f"{_ratio(statistics.fmean(pred), base_pred, invert=True)} |")
+        lines.append("")
+        if True in sources:
+            lines.append("Times without `*`: one seed per method, trained again one run at a "
+                         "time with one thread on a quiet machine; prediction is the median "
+                         "per test batch, warm-up excluded.")
+        if False in sources:
+            lines.append("`*`: times of the table's own runs (mean over seeds; runs may have "
+                         "shared the machine).")
         lines.append("")
     return "\n".join(lines)
 
@@ -199,13 +238,14 @@ def pareto_plot(results: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def report(dirs: list[str | Path], out: Path | None = None, plot_path: Path | None = None
-           ) -> str:
+def report(dirs: list[str | Path], out: Path | None = None, plot_path: Path | None = None,
+           timing: list[str | Path] | None = None) -> str:
     """Markdown tables for the runs under ``dirs``; written to ``out`` if given, with the plot
     at ``plot_path`` (default: ``out`` with suffix ``.png``) and, where runs swept their
-    coefficient, the Pareto plot beside it (``<plot>-pareto.png``)."""
+    coefficient, the Pareto plot beside it (``<plot>-pareto.png``); ``timing``: directories
+    of timing runs (see :func:`markdown`)."""
     results = find_results(dirs)
-    text = markdown(results)
+    text = markdown(results, find_results(timing) if timing else None)
     if out is not None:
         checkpoint.atomic_write(Path(out), lambda fh: fh.write(text))
         plot_path = plot_path or Path(out).with_suffix(".png")

@@ -144,6 +144,9 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
         "test": exp.evaluate("test"),
         "training_seconds": chosen["training_seconds"],
         "train_nfe_final": _tail_mean(chosen["history"], "nfe"),
+        "train_seconds_per_iter_median": _median_seconds(chosen["history"]),
+        "train_warmup_seconds": (chosen["history"][0]["seconds"] if chosen["history"]
+                                 else None),
         "versions": exp.versions(),
         "platform": platform.platform(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -378,6 +381,15 @@ class _StopOnSignal:
 
 def _slug(lam: str) -> str:
     return re.sub(r"[^0-9A-Za-z.:+_-]", "_", lam)
+
+
+def _median_seconds(history: list[dict[str, Any]]) -> float | None:
+    """Median seconds per training iteration, the first (warm-up, JAX compile) left out."""
+    seconds = sorted(h["seconds"] for h in history[1:]) or [h["seconds"] for h in history]
+    if not seconds:
+        return None
+    n = len(seconds)
+    return seconds[n // 2] if n % 2 else 0.5 * (seconds[n // 2 - 1] + seconds[n // 2])
 
 
 def _tail_mean(history: list[dict[str, Any]], key: str, n: int = 10) -> float:

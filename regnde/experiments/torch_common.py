@@ -147,7 +147,9 @@ class TorchExperiment(Experiment):
             metric += out.metric_sum
             count += out.count
         return {"metric": metric / count, "loss": loss / count, "nfe": float(np.mean(nfe)),
-                "seconds_per_batch": float(np.mean(seconds)), "batches": len(nfe),
+                "seconds_per_batch": float(np.mean(seconds)),
+                "seconds_per_batch_median": float(np.median(seconds[1:] or seconds)),
+                "warmup_seconds": float(seconds[0]), "batches": len(nfe),
                 "examples": count}
 
     def state(self) -> dict[str, Any]:
