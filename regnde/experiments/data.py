@@ -278,18 +278,21 @@ def toy_2d(name: str, n: int, seed: int) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def irregular_series(n: int, n_points: int, dim: int, seed: int) -> Records:
-    """Synthetic irregular series: damped sinusoids with random frequency, phase and decay in
-    every feature, observed at ``n_points`` random times in ``[0, 1]`` with features missing at
-    random (30%). Values lie in ``[0, 1]``, like normalised PhysioNet."""
+def irregular_series(n: int, n_points: int, dim: int, seed: int, horizon: float = 1.0,
+                     freq: tuple[float, float] = (2.0, 6.0)) -> Records:
+    """Synthetic irregular series: damped sinusoids with random frequency (``freq``, in half
+    cycles per unit time), phase and decay in every feature, observed at ``n_points`` random
+    times of a grid of 100 in ``(0, horizon]`` with features missing at random (30%). Values
+    lie in ``[0, 1]``, like normalised PhysioNet."""
     rng = np.random.default_rng(seed)
     items = []
     for i in range(n):
         tt = np.sort(rng.choice(np.arange(1, 101), size=n_points, replace=False)) / 100.0
-        freq = rng.uniform(2.0, 6.0, size=dim)
+        tt = tt * horizon
+        f = rng.uniform(*freq, size=dim)
         phase = rng.uniform(0, 2 * np.pi, size=dim)
-        decay = rng.uniform(0.0, 1.5, size=dim)
-        vals = 0.5 + 0.45 * np.exp(-decay * tt[:, None]) * np.sin(freq * tt[:, None] * np.pi
+        decay = rng.uniform(0.0, 1.5, size=dim) / horizon
+        vals = 0.5 + 0.45 * np.exp(-decay * tt[:, None]) * np.sin(f * tt[:, None] * np.pi
                                                                   + phase)
         mask = (rng.uniform(size=vals.shape) > 0.3).astype(np.float64)
         mask[np.arange(n_points), rng.integers(0, dim, n_points)] = 1.0

@@ -86,6 +86,9 @@ class LatentConfig(Config):
     hidden: int = 32
     rnn: int = 32
     obs_std: float = 0.1
+    horizon: float = 1.0
+    freq_min: float = 2.0
+    freq_max: float = 6.0
 
 
 @register
@@ -115,7 +118,8 @@ class LatentODE(TorchExperiment):
             parts = {"train": [items[i] for i in tr], "val": [items[i] for i in va],
                      "test": [items[i] for i in te]}
         else:
-            parts = {k: D.irregular_series(n, c.n_points, c.dim, seed).items
+            parts = {k: D.irregular_series(n, c.n_points, c.dim, seed, c.horizon,
+                                           (c.freq_min, c.freq_max)).items
                      for k, n, seed in (("train", c.n_train, 0), ("val", c.n_val, 1),
                                         ("test", c.n_test, 2))}
         self.dim = parts["train"][0][2].shape[1]
