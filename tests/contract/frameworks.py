@@ -51,6 +51,9 @@ class Torch:
         self.torch = torch
 
     def asarray(self, x: Any) -> Any:
+        """numpy (or a number) -> float64 tensor; tensors pass through unchanged."""
+        if isinstance(x, self.torch.Tensor):
+            return x
         return self.torch.as_tensor(np.asarray(x, dtype=np.float64))
 
     def to_numpy(self, x: Any) -> np.ndarray:
@@ -108,6 +111,9 @@ class Jax:
         self.MLP = MLP
 
     def asarray(self, x: Any) -> Any:
+        """numpy (or a number) -> float64 array; JAX arrays (and tracers) pass through."""
+        if isinstance(x, self.jax.Array):
+            return x
         return self.jnp.asarray(np.asarray(x, dtype=np.float64))
 
     def to_numpy(self, x: Any) -> np.ndarray:
