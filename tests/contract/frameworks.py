@@ -66,7 +66,10 @@ class Torch:
         W1, b1, W2, b2 = (params[k] for k in PARAM_NAMES)
 
         def f(t: Any, y: Any) -> Any:
-            tt = torch.as_tensor(t, dtype=y.dtype).expand(*y.shape[:-1], 1)
+            # a scalar time, or one per sample on backends whose samples step apart (torchode)
+            tt = torch.as_tensor(t, dtype=y.dtype)
+            tt = tt.reshape(-1, 1) if tt.ndim == 1 else tt.reshape(1, 1)
+            tt = tt.expand(*y.shape[:-1], 1)
             return torch.tanh(torch.cat([y, tt], dim=-1) @ W1 + b1) @ W2 + b2
 
         return f
