@@ -36,9 +36,24 @@ Y0 = jnp.array([[1.0, -0.5, 0.25], [0.3, 0.2, -1.0]])
 T = jnp.linspace(0.0, 2.0, 3)
 
 
+def selected_dt0(f, y0, t, solver):
+    """diffrax's own initial step selection (``_select_initial_step``, Hairer's algorithm) on a
+    plain ``ODETerm`` in solver time ``s = d * t``, at most ``|t1 - t0|``, with the sign ``d``
+    of ``t1 - t0``: the ``dt0`` regnde passes to ``diffeqsolve`` (whose own selection, handed a
+    ``WrapTerm``, returns 0.01 without evaluating ``f``)."""
+    from diffrax._step_size_controller.pid import _select_initial_step
+
+    d = 1.0 if float(t[-1]) >= float(t[0]) else -1.0
+    term = dfx.ODETerm(lambda s, y, a: d * f(d * s, y))
+    h = _select_initial_step(term, d * t[0], y0, None, solver.func, solver.error_order(term),
+                             RTOL, ATOL, dfx.PIDController(rtol=RTOL, atol=ATOL).norm)
+    return d * min(float(h), abs(float(t[-1] - t[0])))
+
+
 def plain(f, y0, t, solver, adjoint=None):
     return dfx.diffeqsolve(
-        dfx.ODETerm(lambda s, y, a: f(s, y)), solver, t[0], t[-1], None, y0,
+        dfx.ODETerm(lambda s, y, a: f(s, y)), solver, t[0], t[-1],
+        selected_dt0(f, y0, t, solver), y0,
         saveat=dfx.SaveAt(ts=t), stepsize_controller=dfx.PIDController(rtol=RTOL, atol=ATOL),
         adjoint=adjoint or dfx.RecursiveCheckpointAdjoint())
 
@@ -99,8 +114,8 @@ def test_recorded_errors_equal_recomputation(method):
     assert n >= 5 and not bool(jnp.any(tr.mask[n:]))
     for j in range(n):
         y1, error, stiff = np_step(F, tab, float(tr.t[j]), tr.y[j], float(tr.dt[j]))
-        # err = dt * sum(b_error * k) cancels: where the scaled error is tiny (the first step,
-        # dt = 0.01) its rounding is ~1e-16 * |dt k| / tol, so compare absolutely there.
+        # err = dt * sum(b_error * k) cancels: where the scaled error is tiny its rounding is
+        # ~1e-16 * |dt k| / tol, so compare absolutely there.
         assert abs(float(tr.error[j]) - error) < 1e-9 * max(error, 1e-2)
         assert rel(tr.stiffness[j], stiff) < 1e-9
         nxt = tr.y[j + 1] if j + 1 < n else sol.ys[-1]
@@ -149,6 +164,66 @@ def test_third_party_tableau_not_fsal_runs_generic():
     ref = plain(F, Y0, T, dfx.Tsit5())
     assert rel(sol.ys, ref.ys) < 1e-3
     assert int(sol.stats.nfe) == 2 + 4 * int(sol.stats.n_steps + sol.stats.n_rejected)
+
+
+# -- NFE and the initial step ------------------------------------------------------------------
+class Counted(eqx.Module):
+    """``F`` whose every real evaluation (inside the compiled solve too) adds one to ``calls``
+    through ``jax.debug.callback``."""
+
+    calls: list = eqx.field(static=True)
+
+    def __call__(self, t, y):
+        jax.debug.callback(lambda: self.calls.append(1))
+        return F(t, y)
+
+
+def count_nfe(t, **kw):
+    f = Counted([])
+    sol = regnde.solve(f, Y0, t, trace="summary", **kw)
+    jax.effects_barrier()
+    return sol, len(f.calls)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5"])
+@pytest.mark.parametrize("dt0", [None, 0.05])
+def test_nfe_counts_the_real_evaluations(method, dt0):
+    """stats.nfe = 2 (initial step selection, without dt0) + s + (s - 1) per later attempt,
+    each of them evaluated, forward and backward in time."""
+    rejected = 0
+    for t in (T, T[::-1]):
+        opts = {} if dt0 is None else {"dt0": dt0 if t[-1] > t[0] else -dt0}
+        sol, calls = count_nfe(t, method=method, rtol=RTOL, atol=ATOL, **opts)
+        attempts = int(sol.stats.n_steps + sol.stats.n_rejected)
+        rejected += int(sol.stats.n_rejected)
+        assert int(sol.stats.nfe) == calls == (2 if dt0 is None else 0) + 1 + 6 * attempts
+        assert int(sol.stats.n_steps) >= 5
+        dt = float(sol.trace.dt[0])
+        if dt0 is None:  # the selection, not diffeqsolve's fixed 0.01
+            assert dt == pytest.approx(selected_dt0(F, Y0, t, native_solver(method)),
+                                       rel=1e-12)
+            assert abs(dt) != pytest.approx(0.01)
+    assert rejected > 0  # rejected attempts are counted too
+    sol, calls = count_nfe(T[::-1], method=method, sensitivity="adjoint")  # the forward solve
+    assert int(sol.stats.nfe) == calls
+
+
+def native_solver(method):
+    return {"dopri5": dfx.Dopri5(), "tsit5": dfx.Tsit5()}[method]
+
+
+def test_easy_problem_takes_few_steps():
+    def decay(t, y):
+        return -y
+
+    y0, t = jnp.ones(1), jnp.array([0.0, 1.0])
+    sol = regnde.solve(decay, y0, t, rtol=1e-3, atol=1e-3, trace="summary")
+    fixed = regnde.solve(decay, y0, t, rtol=1e-3, atol=1e-3, trace="summary", dt0=0.01)
+    assert float(sol.trace.dt[0]) > 0.1
+    assert int(sol.stats.n_steps) < int(fixed.stats.n_steps) and int(sol.stats.n_steps) < 5
+    assert int(sol.stats.n_rejected) == 0 and int(sol.stats.nfe) == 2 + 7 + 6 * (
+        int(sol.stats.n_steps) - 1)
+    assert float(sol.ys[-1, 0]) == pytest.approx(np.exp(-1.0), rel=1e-3)
 
 
 # -- one step, both backends -------------------------------------------------------------------
@@ -253,6 +328,16 @@ def test_adjoint_gradients_with_a_closure():
     grad = jax.jit(jax.grad(loss), static_argnums=1)
     ga, gd = grad(W, "adjoint"), grad(W, "direct")
     assert rel(ga, gd) < 1e-4 and float(jnp.abs(ga).sum()) > 0
+
+
+def test_adjoint_gradients_backwards_in_time():
+    def loss(f, sensitivity):
+        sol = regnde.solve(f, Y0, T[::-1], sensitivity=sensitivity, trace="summary")
+        return jnp.sum(sol.ys ** 2)
+
+    ga = eqx.filter_grad(loss)(F, "adjoint")
+    gd = eqx.filter_grad(loss)(F, "direct")
+    assert rel(ga.w, gd.w) < 1e-4 and float(jnp.abs(ga.w).sum()) > 0
 
 
 def test_same_key_same_value_eager_and_jit():

@@ -166,7 +166,7 @@ def test_augmented_solve_takes_the_plain_steps(direction):
     assert int(sol.stats.nfe) == int(plain.stats.nfe)
     assert int(sol.stats.n_steps) == int(plain.stats.n_steps) >= 3
     # one integrand evaluation per evaluation of the augmented field; stats.nfe also counts
-    # the 2 of the initial step selection, which diffeqsolve skips (docs/diffrax.md)
+    # the 2 of the initial step selection, which evaluates f alone (docs/diffrax.md)
     assert int(sol.stats.nfe_reg) == int(sol.stats.nfe) - 2
     assert float(sol.reg) > 0
 

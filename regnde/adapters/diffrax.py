@@ -513,6 +513,19 @@ def initial_step(f: Callable[..., Any], controller: dfx.PIDController, solver: A
     return jax.lax.stop_gradient(t_next - t)
 
 
+def first_dt(f: Callable[..., Any], controller: dfx.PIDController, solver: Any, t0: Any, t1: Any,
+             y0: Any, direction: Any) -> jax.Array:
+    """``dt0`` for ``diffeqsolve`` from ``t0`` to ``t1``: :func:`initial_step` in solver time
+    ``s = direction * t`` (two evaluations of ``f``), at most ``|t1 - t0|``, with the sign of
+    ``t1 - t0``; a constant. diffeqsolve's own selection never runs (it sees a ``WrapTerm``,
+    see :func:`initial_step`): without this every solve would start with ``dt = 0.01``. A
+    non-finite selection (``f(t0, y0)`` not finite) falls back to that 0.01."""
+    s0, s1 = direction * t0, direction * t1
+    h = initial_step(_Negated(f, direction), controller, solver, s0, y0).astype(s0.dtype)
+    h = jnp.where(jnp.isfinite(h) & (h > 0), h, jnp.asarray(0.01, s0.dtype))
+    return jax.lax.stop_gradient(direction * jnp.minimum(h, s1 - s0))
+
+
 # -- the backend ----------------------------------------------------------------------------------
 def _check_f(f: Any, t0: Any, y0: jax.Array) -> None:
     if not callable(f):
@@ -730,6 +743,10 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
     rec_solver = plain_solver if aug is None else aug.recording(plain_solver)
     aug_controller = controller if aug is None else aug.controller
     term = dfx.ODETerm(_VectorField(f_solve))
+    dt0 = st.dt0
+    if dt0 is None:
+        dt0 = first_dt(f, controller, solver, t0, t1, y0, direction)
+
 
     def run(term: Any, y0: Any, states: bool, adj: Any, plain: bool = aug is None) -> Any:
         if states:
@@ -737,7 +754,7 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
                                 solver_state=True)
         else:
             saveat = dfx.SaveAt(ts=t, solver_state=True)
-        return dfx.diffeqsolve(term, plain_solver if plain else rec_solver, t0, t1, st.dt0, y0,
+        return dfx.diffeqsolve(term, plain_solver if plain else rec_solver, t0, t1, dt0, y0,
                                saveat=saveat, adjoint=adj, max_steps=st.max_steps, throw=False,
                                stepsize_controller=controller if plain else aug_controller)
 
@@ -781,6 +798,9 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
         stiffness=record.get("stiffness"), y=y_trace,
     )
     first, later = evals_per_step(solver, tab)
+    # evaluations of f: 2 for the initial step selection (first_dt, unless dt0 is given), s
+    # for the first attempt, then s - 1 per attempt for FSAL methods (s, or s + 1 for generic
+    # tableaus, otherwise), rejected attempts included (see docs/diffrax.md, "NFE")
     nfe = (2 if st.dt0 is None else 0) + first + (sol.stats["num_steps"] - 1) * later
     stats = dict(nfe=nfe, nfe_reg=0, n_steps=sol.stats["num_accepted_steps"],
                  n_rejected=sol.stats["num_rejected_steps"])
