@@ -33,6 +33,7 @@ from array_api_compat import array_namespace
 from regnde.errors import NonFiniteError, choices, non_finite_regularizer
 from regnde.plugins.hookspecs import hookimpl
 from regnde.samplers import Sampler, index_dtype, take
+from regnde.structural import Structural
 from regnde.tableau import Tableau
 from regnde.trace import Array, Trace
 from regnde.validate import is_concrete
@@ -46,7 +47,7 @@ STABILITY_SIZE = {"tsit5": 3.5068, "dopri5": 3.3066}
 Presampled = dict[tuple[int, int], Array]
 
 
-class Regularizer(ABC):
+class Regularizer(Structural, ABC):
     """Base class of regnde regularizers.
 
     Subclasses implement :meth:`value`; :meth:`check` rejects sensitivities and methods the

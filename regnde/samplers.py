@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from array_api_compat import array_namespace
 
 from regnde.plugins.hookspecs import hookimpl
+from regnde.structural import Structural
 from regnde.trace import Array, Trace
 
 
@@ -42,7 +43,7 @@ def as_key(key: Any, like: Array) -> Any:
     )
 
 
-class Sampler(ABC):
+class Sampler(Structural, ABC):
     """Base class. ``needs_trace = False`` lets regnde draw ``tau`` before the solve, so the
     solver records ``u(tau)`` from its own dense output at no extra cost.
 

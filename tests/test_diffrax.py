@@ -397,3 +397,20 @@ def test_bad_input_errors():
         regnde.solve(F, Y0, T, regularizer=R.LocalError(), key="seed")
     with pytest.raises(ValueError, match="f must take"):
         regnde.solve(lambda t, y, args: y, Y0, T)
+
+
+def test_a_new_but_equal_regularizer_reuses_the_compiled_solve():
+    """The regularizer is part of the compiled solve's static configuration: a fresh
+    ``GlobalError()`` each training step must not compile the solve again (f is traced, i.e.
+    called in Python, only when compiling)."""
+    traces = []
+
+    def f(t, y):
+        traces.append(1)
+        return -y
+
+    y0, t = jnp.ones(3), jnp.array([0.0, 1.0])
+    regnde.solve(f, y0, t, regularizer=R.GlobalError() + 0.5 * R.LocalError("unbiased"), key=0)
+    first = len(traces)
+    regnde.solve(f, y0, t, regularizer=R.GlobalError() + 0.5 * R.LocalError("unbiased"), key=1)
+    assert len(traces) == first

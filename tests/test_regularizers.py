@@ -322,3 +322,17 @@ def test_several_samples_average_their_steps(problem):
     assert avg.stats.nfe_reg == 3 * one.stats.nfe_reg
     with pytest.raises(ValueError, match="positive int"):
         R.LocalError(samples=0)
+
+
+def test_regularizers_and_samplers_compare_by_configuration():
+    """Two regularizers built apart are the same one (a compiled solve cached on it is reused);
+    a different configuration or weight is not; unhashable contents fall back to identity."""
+    assert R.GlobalError() == R.GlobalError() and hash(R.GlobalError()) == hash(R.GlobalError())
+    assert R.GlobalError() != R.GlobalError("mean") and R.GlobalError() != R.GlobalStiffness()
+    assert R.LocalError("unbiased") == R.LocalError("unbiased") != R.LocalError("biased")
+    assert 2.0 * R.GlobalError() + R.LocalError() == 2.0 * R.GlobalError() + R.LocalError()
+    assert 2.0 * R.GlobalError() != 3.0 * R.GlobalError()
+    assert R.resolve_sampler("biased") == R.resolve_sampler("biased")
+    odd = R.GlobalError()
+    odd.cache = torch.zeros(2)  # an array in the configuration: identity, not an error
+    assert odd == odd and odd != R.GlobalError() and isinstance(hash(odd), int)
