@@ -327,6 +327,7 @@ class TorchodeBackend(Backend):
     framework = "torch"
     sensitivities = ("direct",)
     runs_tableaus = False
+    per_sample_steps = True
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return {name: native_tableau(name) for name in METHODS}
