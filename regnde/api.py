@@ -211,7 +211,10 @@ def step(
 
     Args:
         t: scalar start time. y: state, any shape. dt: signed step size, or ``None`` for the
-            backend's own initial step selection.
+            backend's own initial step selection. On a backend whose samples step
+            independently (:attr:`regnde.backend.Backend.per_sample_steps`), ``t`` and ``dt``
+            may also be one per sample, ``(batch,)``, and ``error``/``stiffness`` are
+            ``(batch,)``.
 
     Returns:
         :class:`StepResult` (``y1``, ``error``, ``stiffness``, ``stages``), differentiable w.r.t.

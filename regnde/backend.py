@@ -161,6 +161,12 @@ class Backend(ABC):
             ``r(t0) = 0``, with an error norm that looks at ``y`` only (so the accepted steps,
             ``trace.error`` and ``ys`` are those of the plain solve), and answers
             ``run.integral(reg)`` from ``r(t1)``.
+        per_sample_steps: whether the samples of a batch step independently (torchode): the
+            :class:`regnde.Trace` is then in its per-sample form (``(batch, N)`` fields,
+            ``n_steps`` and ``stats.n_steps``/``n_rejected`` of shape ``(batch,)``), ``f``
+            receives one time per sample, and :meth:`step` and :meth:`Run.step` take one
+            ``t``/``dt`` per sample (or one for all) and return per-sample ``error`` and
+            ``stiffness``, ``(batch,)``. ``False``: one trace for the whole batch, scalar errors.
     """
 
     name: ClassVar[str]
@@ -170,6 +176,7 @@ class Backend(ABC):
     sde: ClassVar[bool] = False
     default_method: ClassVar[str | None] = "dopri5"
     augments: ClassVar[bool] = False
+    per_sample_steps: ClassVar[bool] = False
     #: ``(rtol, atol)`` when the user passes ``None``: the same on every backend, so that
     #: switching backends never changes the accuracy asked for.
     ode_tolerances: ClassVar[tuple[float, float]] = (1e-6, 1e-6)

@@ -17,6 +17,11 @@ Differences from the other backends:
   batch on every call, finished samples included, so calls times batch size.
   ``stats.n_steps``/``n_rejected`` are ``(batch,)`` (steps while a sample was running).
 - Only ``sensitivity="direct"``; no integral regularizers (extra states).
+- Step sizes are constants for autodiff (regnde's convention on every backend, so that
+  gradients equal a replay on the fixed grid of accepted steps): torchode's
+  ``backprop_through_step_size_control`` defaults to ``False`` here, torchode's own default
+  being ``True``. Pass ``backprop_through_step_size_control=True`` for torchode's gradients,
+  which then also flow through the step-size controller.
 """
 
 from __future__ import annotations
@@ -327,6 +332,7 @@ class TorchodeBackend(Backend):
     framework = "torch"
     sensitivities = ("direct",)
     runs_tableaus = False
+    per_sample_steps = True
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return {name: native_tableau(name) for name in METHODS}
@@ -354,7 +360,7 @@ class TorchodeBackend(Backend):
         ctrl = _controller(r.rtol, r.atol, r.options, term, recording=True)
         adjoint = torchode.AutoDiffAdjoint(method, ctrl, max_steps=r.max_steps,
                                            backprop_through_step_size_control=r.options.get(
-                                               "backprop_through_step_size_control", True))
+                                               "backprop_through_step_size_control", False))
         t_eval = r.t[None].expand(batch, -1)  # as torchode.solve_ivp
         problem = torchode.InitialValueProblem(y0.reshape(batch, -1), t_eval[:, 0],
                                                t_eval[:, -1], t_eval)

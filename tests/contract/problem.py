@@ -68,6 +68,20 @@ def np_rk_step(f: Any, tab: Any, t: float, y: np.ndarray, dt: float) -> NpStep:
     return NpStep(y1=y1, k=np.stack(ks), Y=np.stack(Ys), err=err)
 
 
+def np_rk_rows(f: Any, tab: Any, t: Any, y: np.ndarray, dt: Any) -> NpStep:
+    """:func:`np_rk_step` of each sample (row of ``y``) from its own ``t[b]``, ``dt[b]``
+    (scalars are one for all); fields as :func:`np_rk_step`'s for the whole batch."""
+    ts, dts = np.broadcast_to(t, y.shape[:1]), np.broadcast_to(dt, y.shape[:1])
+    rows = [np_rk_step(f, tab, float(ts[b]), y[b], float(dts[b])) for b in range(len(y))]
+    return NpStep(y1=np.stack([r.y1 for r in rows]), k=np.stack([r.k for r in rows], 1),
+                  Y=np.stack([r.Y for r in rows], 1), err=np.stack([r.err for r in rows]))
+
+
+def row(step: NpStep, b: int) -> NpStep:
+    """Sample ``b`` of a batched :class:`NpStep`."""
+    return NpStep(y1=step.y1[b], k=step.k[:, b], Y=step.Y[:, b], err=step.err[b])
+
+
 def rms_scaled(err: np.ndarray, y: np.ndarray, y1: np.ndarray, rtol: float, atol: float
                ) -> float:
     """``rms(err / (atol + rtol * max(|y|, |y1|)))``: the scaled error of torchdiffeq's and

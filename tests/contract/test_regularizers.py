@@ -10,6 +10,7 @@ computes with public ``regnde.step`` calls (RESEARCH.md, "Gradients and tests").
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import numpy as np
@@ -79,13 +80,25 @@ def test_local_error_unbiased_runs(backend_case, fw):
 
 
 # -- check 6 ----------------------------------------------------------------------------------
-def _grid(fw, aux):
-    t, dt, mask, taken, ys = aux
-    mask = fw.to_numpy(mask)
-    t, dt = fw.to_numpy(t)[mask], fw.to_numpy(dt)[mask]
-    taken = dt if taken is None else fw.to_numpy(taken)[mask]
-    ys = None if ys is None else fw.to_numpy(ys)[mask]
-    return t, dt, taken, ys
+def _rows(case, fw, aux):
+    """The recorded grid as rows ``(sel, t, dt, dt_taken, ys, error)`` of real entries: one
+    row for the whole batch (``sel`` all of ``y0``), or on a backend with
+    :attr:`~regnde.backend.Backend.per_sample_steps` one per sample (``sel`` its single-sample
+    slice ``b:b+1``; ``ys`` of shape ``(n_b, 1, *features)``)."""
+    t, dt, mask, taken, ys, err = (None if x is None else fw.to_numpy(x) for x in aux)
+    taken = dt if taken is None else taken
+    if not backend(case).per_sample_steps:
+        return [(slice(None), t[mask], dt[mask], taken[mask],
+                 None if ys is None else ys[mask], err[mask])]
+    return [(slice(b, b + 1), t[b][m], dt[b][m], taken[b][m],
+             None if ys is None else ys[b][m][:, None], err[b][m]) for b, m in enumerate(mask)]
+
+
+def _scalar(fw, x):
+    """The one number in ``x`` (a step's error on a single-sample ``y`` may be ``(1,)``)."""
+    x = np.asarray(fw.to_numpy(x))
+    assert x.size == 1, x.shape
+    return float(x.reshape(()))
 
 
 def _step(case, fw, f, t, y, dt):
@@ -132,6 +145,9 @@ def test_regularizer_gradients(backend_case, fw):
       ``y1`` (chained from ``y0``), equal to ``sum(trace.error * |trace.dt|)``;
     - LocalError(biased): ``error(step(t_j, u_j, dt_j)) * |dt_j|`` at the sampled step start
       ``t_j`` with ``u_j = trace.y[j]`` a constant (so it adds nothing to d/dy0).
+
+    On a per-sample trace each sample's row is replayed on its own (single-sample ``y``) and
+    both values are the mean over samples (:class:`regnde.Trace`).
     """
     case = backend_case
     _need_direct(case)
@@ -145,31 +161,40 @@ def test_regularizer_gradients(backend_case, fw):
         return sol.reg, (tr.t, tr.dt, tr.mask, tr.dt_taken, tr.y, tr.error)
 
     value, aux, (g_y0, g_theta) = fw.value_and_grad(fn, [Y0, theta])
-    ts, dts, taken, ys = _grid(fw, aux[:5])
-    assert ys is not None, "trace='full' records the states at step starts"
-    errors = fw.to_numpy(aux[5])[fw.to_numpy(aux[2])]
-    global_value = float(np.sum(errors * np.abs(dts)))
+    rows = _rows(case, fw, aux)
+    assert all(r[4] is not None for r in rows), "trace='full' records the states at step starts"
+    global_value = float(np.mean([np.sum(err * np.abs(dts)) for *_, dts, _, _, err in rows]))
     local_value = value - global_value
 
     def global_replay(y0, flat):
-        f, y, total = _f(fw, flat), fw.asarray(y0), 0.0
-        for t, dt, dt_taken in zip(ts, dts, taken, strict=True):
-            r = _step(case, fw, f, t, y, dt_taken)
-            total += float(fw.to_numpy(r.error)) * abs(dt)
-            y = r.y1
-        return total
+        f, total = _f(fw, flat), 0.0
+        for sel, ts, dts, taken, _, _ in rows:
+            y = fw.asarray(y0[sel])
+            for t, dt, dt_taken in zip(ts, dts, taken, strict=True):
+                r = _step(case, fw, f, t, y, dt_taken)
+                total += _scalar(fw, r.error) * abs(dt)
+                y = r.y1
+        return total / len(rows)
 
-    def local_replay(j, flat):
+    def local_step(row, j, flat):
+        _, ts, dts, _, ys, _ = rows[row]
         r = _step(case, fw, _f(fw, flat), ts[j], fw.asarray(ys[j]), dts[j])
-        return float(fw.to_numpy(r.error)) * abs(dts[j])
+        return _scalar(fw, r.error) * abs(dts[j])
+
+    def local_replay(js, flat):
+        return float(np.mean([local_step(i, j, flat) for i, j in enumerate(js)]))
 
     base = global_replay(Y0, theta)
     assert base == pytest.approx(global_value, rel=1e-9), (
         f"the replay gives GlobalError {base!r}, the trace {global_value!r}")
-    candidates = [local_replay(j, theta) for j in range(len(ts))]
-    j = int(np.argmin([abs(c - local_value) for c in candidates]))
-    assert candidates[j] == pytest.approx(local_value, rel=1e-8, abs=1e-14), (
-        f"no recorded step reproduces LocalError(biased) = {local_value!r}: {candidates}")
+    # the sampled step of each row: the combination whose mean reproduces the local value
+    steps = [[local_step(i, j, theta) for j in range(len(r[1]))] for i, r in enumerate(rows)]
+    combos = list(itertools.product(*(range(len(c)) for c in steps)))
+    candidates = [float(np.mean([c[j] for c, j in zip(steps, js, strict=True)])) for js in combos]
+    best = int(np.argmin([abs(c - local_value) for c in candidates]))
+    js = combos[best]
+    assert candidates[best] == pytest.approx(local_value, rel=1e-8, abs=1e-14), (
+        f"no recorded step reproduces LocalError(biased) = {local_value!r}: {steps}")
 
     _check_fd("y0", lambda y: global_replay(y, theta), Y0, g_y0)
-    _check_fd("params", lambda p: global_replay(Y0, p) + local_replay(j, p), theta, g_theta)
+    _check_fd("params", lambda p: global_replay(Y0, p) + local_replay(js, p), theta, g_theta)

@@ -8,7 +8,7 @@ import pytest
 
 import regnde
 
-from .problem import ATOL, PARAMS, RTOL, Y0, T, reference
+from .problem import ATOL, PARAMS, RTOL, Y0, T, backend, reference
 
 TOL = 100 * RTOL  # the solution to within 100 * rtol of the reference
 
@@ -20,24 +20,9 @@ def _solve(case, fw, y0, t, **kw):
                         method=case.method, **kw)
 
 
-def check_trace(fw, sol, t, y0_shape):
-    """The trace of ``sol`` (a solve over ``t``, either direction) is self-consistent;
-    returns its real entries ``(t, dt, error)`` as numpy."""
-    tr = sol.trace
-    assert tr is not None, "a solve returns its Trace"
-    ts, dt, mask, err = (fw.to_numpy(x) for x in (tr.t, tr.dt, tr.mask, tr.error))
-    n = int(fw.to_numpy(tr.n_steps))
-    N = ts.shape[0]
-    assert ts.shape == dt.shape == mask.shape == err.shape == (N,)
-    assert mask.dtype == np.bool_
-    assert int(mask.sum()) == n >= 1
-    assert n == int(fw.to_numpy(sol.stats.n_steps))
-    for name in ("stiffness", "dt_taken"):
-        x = getattr(tr, name)
-        assert x is None or fw.to_numpy(x).shape == (N,), name
-    if tr.y is not None:
-        assert fw.to_numpy(tr.y).shape == (N, *y0_shape)
-    ts, dt, err = ts[mask], dt[mask], err[mask]
+def check_steps(ts, dt, err, t):
+    """One sequence of accepted steps (real entries only) covers ``t[0]..t[-1]``: contiguous,
+    in ``t``'s direction, each with a scaled error in ``[0, 1]``."""
     direction = np.sign(t[-1] - t[0])
     assert ts[0] == t[0]
     assert np.all(np.diff(ts) * direction > 0), f"trace.t not monotonic: {ts}"
@@ -47,9 +32,47 @@ def check_trace(fw, sol, t, y0_shape):
     assert abs(dt.sum() - (t[-1] - t[0])) <= 1e-10, (dt.sum(), t[-1] - t[0])
     assert np.all(np.isfinite(err)) and np.all(err >= 0)
     assert np.all(err <= 1.0), f"accepted steps with a scaled error above 1: {err.max()}"
+
+
+def check_trace(case, fw, sol, t, y0_shape):
+    """The trace of ``sol`` (a solve over ``t``, either direction) is self-consistent. A backend
+    with :attr:`~regnde.backend.Backend.per_sample_steps` records the per-sample form
+    (``(batch, N)`` fields, ``(batch,)`` counts): each sample's row obeys the rules of a
+    whole-batch ``(N,)`` trace. Returns the real entries ``[(t, dt, error), ...]`` as numpy, one
+    per row (one in all without per-sample steps)."""
+    tr = sol.trace
+    assert tr is not None, "a solve returns its Trace"
+    per_sample = backend(case).per_sample_steps
+    lead = tuple(y0_shape[:1]) if per_sample else ()
+    ts, dt, mask, err = (fw.to_numpy(x) for x in (tr.t, tr.dt, tr.mask, tr.error))
+    assert ts.ndim == len(lead) + 1, (
+        f"trace.t has shape {ts.shape}; per_sample_steps={per_sample} means "
+        f"{'(batch, N)' if per_sample else '(N,)'}")
+    shape = (*lead, ts.shape[-1])
+    assert ts.shape == dt.shape == mask.shape == err.shape == shape
+    assert mask.dtype == np.bool_
+    n = np.asarray(fw.to_numpy(tr.n_steps))
+    assert n.shape == lead, f"trace.n_steps has shape {n.shape}, expected {lead}"
+    np.testing.assert_array_equal(n, mask.sum(-1), err_msg="n_steps != mask count")
+    assert np.all(n >= 1)
     stats = sol.stats
-    assert int(fw.to_numpy(stats.nfe)) > 0 and int(fw.to_numpy(stats.n_rejected)) >= 0
-    return ts, dt, err
+    for name in ("n_steps", "n_rejected"):
+        assert np.shape(fw.to_numpy(getattr(stats, name))) == lead, f"stats.{name}"
+    np.testing.assert_array_equal(fw.to_numpy(stats.n_steps), n,
+                                  err_msg="stats.n_steps != trace.n_steps")
+    assert np.all(fw.to_numpy(stats.n_rejected) >= 0)
+    assert int(fw.to_numpy(stats.nfe)) > 0
+    for name in ("stiffness", "dt_taken"):
+        x = getattr(tr, name)
+        assert x is None or fw.to_numpy(x).shape == shape, name
+    if tr.y is not None:
+        state = tuple(y0_shape[1:]) if per_sample else tuple(y0_shape)
+        assert fw.to_numpy(tr.y).shape == (*shape, *state)
+    rows = [(ts[b][mask[b]], dt[b][mask[b]], err[b][mask[b]]) for b in range(lead[0])
+            ] if per_sample else [(ts[mask], dt[mask], err[mask])]
+    for row in rows:
+        check_steps(*row, t)
+    return rows
 
 
 def check_ys(fw, sol, y0, ref):
@@ -64,7 +87,7 @@ def check_ys(fw, sol, y0, ref):
 def test_solve_trace_and_accuracy(case, fw):
     """Check 2: trace fields consistent; ys[0] == y0; ys within 100 rtol of DOP853."""
     sol = _solve(case, fw, Y0, T)
-    check_trace(fw, sol, T, Y0.shape)
+    check_trace(case, fw, sol, T, Y0.shape)
     check_ys(fw, sol, Y0, reference(Y0, T))
 
 
@@ -75,7 +98,7 @@ def test_reverse_time(case, fw):
     y_end = fw.to_numpy(fwd.ys)[-1]
     back_t = T[::-1].copy()
     sol = _solve(case, fw, y_end, back_t)
-    check_trace(fw, sol, back_t, Y0.shape)
+    check_trace(case, fw, sol, back_t, Y0.shape)
     check_ys(fw, sol, y_end, reference(y_end, back_t))
     ys = fw.to_numpy(sol.ys)[::-1]
     worst = float(np.max(np.abs(ys - fw.to_numpy(fwd.ys)) / np.maximum(np.abs(ys), 1.0)))
