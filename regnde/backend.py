@@ -15,6 +15,8 @@ from regnde.tableau import Tableau
 from regnde.trace import Array, Solution, StepResult, Trace
 
 SENSITIVITIES = ("direct", "adjoint")
+#: What :attr:`Backend.default_for` may hold.
+DEFAULT_KINDS = ("ode", "sde")
 TRACE_MODES = ("full", "summary")
 
 
@@ -151,7 +153,8 @@ class Backend(ABC):
     """A solver suite behind regnde's protocol.
 
     Class attributes:
-        name: registry name. framework: ``"torch"`` or ``"jax"`` (for error messages).
+        name: registry name. framework: the top-level module of the arrays it takes, as
+            :func:`regnde.validate.framework_of` names it (``"torch"``, ``"jax"``, ...).
         sensitivities: the sensitivities :meth:`solve` supports.
         runs_tableaus: whether registered tableaus become methods of this backend.
         sde: whether the backend solves SDEs.
@@ -161,6 +164,20 @@ class Backend(ABC):
             ``r(t0) = 0``, with an error norm that looks at ``y`` only (so the accepted steps,
             ``trace.error`` and ``ys`` are those of the plain solve), and answers
             ``run.integral(reg)`` from ``r(t1)``.
+
+    Capabilities the core reads instead of naming backends (so a third-party backend gets
+    every feature a built-in one has):
+        default_for: ``"ode"`` and/or ``"sde"``: ``backend=None`` picks this backend for ``y0``
+            of its :attr:`framework` (ODEs / SDEs). Where several declare the same, a built-in
+            wins, else the first registered.
+        install_hint: how to install what the backend needs (``pip install ...``), added to the
+            error when it cannot be constructed.
+        distributed: module path of its data-parallel helpers for :mod:`regnde.distributed`
+            (``all_reduce_sum_max``, ``setup``, optionally ``data_parallel``, ``make_mesh``,
+            ``shard_batch``), or ``None``.
+        dropin_hint: for the error of :func:`regnde.regularize` when no backend has a drop-in
+            (a ``regularize`` method): how to regularize unchanged code of this backend's
+            library instead.
     """
 
     name: ClassVar[str]
@@ -175,6 +192,10 @@ class Backend(ABC):
     ode_tolerances: ClassVar[tuple[float, float]] = (1e-6, 1e-6)
     #: for SDEs: torchsde's own defaults, which adaptive step doubling can meet.
     sde_tolerances: ClassVar[tuple[float, float]] = (1e-5, 1e-4)
+    default_for: ClassVar[tuple[str, ...]] = ()
+    install_hint: ClassVar[str] = ""
+    distributed: ClassVar[str | None] = None
+    dropin_hint: ClassVar[str] = ""
 
     @abstractmethod
     def native_methods(self) -> Mapping[str, Tableau | None]:
