@@ -249,21 +249,25 @@ class Registry:
                 return default
         return getattr(obj, attr, default)
 
+    def in_order(self) -> list[str]:
+        """Names of the registered backends in preference order: built-ins in registration
+        order, then the others in registration order (:meth:`names` sorts them instead)."""
+        self.load()
+        return list(self.tables["backend"])  # load() collects the built-ins first
+
     def defaults(self, framework: str | None, kind: str) -> list[str]:
         """The backends that declare themselves the default (``Backend.default_for``) for
         ``kind`` (``"ode"`` or ``"sde"``) of ``framework`` (``None``: any), preferred first:
         built-ins in registration order, then the others in registration order."""
         if kind not in DEFAULT_KINDS:
             raise ValueError(choices("kind of default backend", kind, DEFAULT_KINDS))
-        self.load()
-        return [n for n in self.tables["backend"]  # built-ins first (see load), then in order
+        return [n for n in self.in_order()
                 if kind in (self.capability(n, "default_for", ()) or ())
                 and (framework is None or self.capability(n, "framework") == framework)]
 
     def of_framework(self, framework: str) -> list[str]:
         """The registered backends that take arrays of ``framework``, in preference order."""
-        self.load()
-        return [n for n in self.tables["backend"]
+        return [n for n in self.in_order()
                 if self.capability(n, "framework") == framework]
 
     def tableaus(self) -> dict[str, Tableau]:
