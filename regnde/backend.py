@@ -175,9 +175,9 @@ class Backend(ABC):
         distributed: module path of its data-parallel helpers for :mod:`regnde.distributed`
             (``all_reduce_sum_max``, ``setup``, optionally ``data_parallel``, ``make_mesh``,
             ``shard_batch``), or ``None``.
-        dropin_hint: for the error of :func:`regnde.regularize` when no backend has a drop-in
-            (a ``regularize`` method): how to regularize unchanged code of this backend's
-            library instead.
+        dropin_hint: for a backend without a drop-in (a ``regularize`` method, which
+            :func:`regnde.regularize` uses): how to regularize unchanged code of its library
+            instead, said when no installed backend has a drop-in.
     """
 
     name: ClassVar[str]

@@ -696,7 +696,6 @@ class TorchdiffeqBackend(Backend):
     default_for = ("ode",)
     install_hint = builtin(__name__).install
     distributed = "regnde.adapters.torch_distributed"
-    dropin_hint = "regnde.regularize() around unchanged " + builtin(__name__).dropin
 
     @functools.cached_property
     def _native(self) -> Mapping[str, Tableau | None]:

@@ -702,7 +702,6 @@ class TorchsdeBackend(Backend):
     default_for = ("sde",)
     install_hint = builtin(__name__).install
     distributed = "regnde.adapters.torch_distributed"
-    dropin_hint = "regnde.regularize() around unchanged " + builtin(__name__).dropin
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return dict.fromkeys(METHOD_NAMES)
