@@ -11,10 +11,6 @@ from regnde.tableau import Tableau
 from regnde.trace import Solution, StepResult
 from regnde.validate import check_options, check_state, check_times, framework_of
 
-#: The backend chosen when ``backend=None``, by framework of ``y0`` and by ODE/SDE.
-DEFAULT_BACKENDS = {("torch", False): "torchdiffeq", ("torch", True): "torchsde",
-                    ("jax", False): "diffrax", ("jax", True): "diffrax"}
-
 
 def backends() -> list[str]:
     """Names of the registered backends."""
@@ -24,7 +20,8 @@ def backends() -> list[str]:
 def methods(backend: str, sde: bool = False) -> list[str]:
     """Adaptive methods of ``backend``: its own and, if it runs tableaus, every registered one.
 
-    ``sde=True``: the methods it solves SDEs with, where they differ (diffrax)."""
+    ``sde=True``: the methods it solves SDEs with, where they differ
+    (:meth:`~regnde.backend.Backend.sde_methods`)."""
     b = registry().backend(backend)
     if sde and b.sde_methods() is not None:
         return sorted(b.sde_methods() or {})
@@ -39,24 +36,48 @@ def is_sde(f: Any) -> bool:
     return hasattr(f, "g") and hasattr(f, "noise_type")
 
 
+def default_backend(x: Any, sde: bool = False, label: str = "y0") -> str:
+    """The backend ``backend=None`` picks for arrays like ``x``: among the registered backends
+    whose :attr:`~regnde.backend.Backend.framework` is ``x``'s and that declare themselves the
+    default for ODEs (``sde=True``: SDEs) in :attr:`~regnde.backend.Backend.default_for`, a
+    built-in before a third-party one, else the first registered. ``label`` names ``x`` in
+    the error.
+
+    Raises:
+        ValueError: no registered backend declares it; the message lists the backends that take
+            such arrays (to name one) or, if none does, the frameworks that have a default.
+    """
+    reg = registry()
+    fw, kind = framework_of(x), "sde" if sde else "ode"
+    found = reg.defaults(fw, kind)
+    if found:
+        return found[0]
+    what = f"{type(x).__module__}.{type(x).__name__}"
+    same = reg.of_framework(fw)
+    if same:
+        fix = (f"name one of the backends that take {fw} arrays (backend=...): "
+               f"{', '.join(same)}.")
+    else:
+        others = sorted({str(reg.capability(n, "framework")) for n in reg.defaults(None, kind)})
+        fix = (f"pass an array of a framework that has one ({', '.join(others) or 'none'}), or "
+               f"name a backend (backend=...): {', '.join(reg.names('backend'))}.")
+    raise ValueError(
+        f"cannot infer a backend from {label} of type {what}: no registered backend declares "
+        f"itself the default for {kind.upper()}s on {fw} arrays (Backend.default_for); {fix}"
+        + reg.failure_note()
+    )
+
+
 def resolve_backend(backend: str | None, f: Any, y0: Any) -> Backend:
     reg = registry()
     if backend is None:
-        fw = framework_of(y0)
-        name = DEFAULT_BACKENDS.get((fw, is_sde(f)))
-        if name is None:
-            raise ValueError(
-                f"cannot infer a backend from y0 of type {type(y0).__module__}."
-                f"{type(y0).__name__}; pass a torch tensor or JAX array, or name a backend "
-                f"(backend=...): {', '.join(reg.names('backend'))}."
-            )
-        backend = name
+        backend = default_backend(y0, is_sde(f))
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a name (str) or None, got {backend!r}.")
     b = reg.backend(backend)
     if not b.owns(y0):
-        fits = DEFAULT_BACKENDS.get((framework_of(y0), is_sde(f)))
-        hint = f" backend={fits!r} fits y0." if fits else ""
+        fits = reg.defaults(framework_of(y0), "sde" if is_sde(f) else "ode")
+        hint = f" backend={fits[0]!r} fits y0." if fits else ""
         raise ValueError(
             f"backend {backend!r} takes {b.framework} arrays but y0 is a "
             f"{type(y0).__module__}.{type(y0).__name__}.{hint}"
@@ -146,7 +167,9 @@ def solve(
             for SDE backends).
         y0: initial state, any shape; the leading axis is part of one system (shared steps).
         t: ``(T,)`` strictly monotonic output times; decreasing solves backwards in time.
-        backend: a registered backend name; ``None`` infers it from ``y0``.
+        backend: a registered backend name; ``None`` infers it from ``y0`` and ``f`` (ODE or
+            SDE): the backend that declares itself the default for them
+            (:func:`default_backend`).
         method: a method of that backend (see :func:`methods`); ``None``: its default.
         rtol, atol: tolerances of the step-size controller; ``None``: the backend's defaults
             (:func:`default_tolerances`): 1e-6/1e-6 for ODEs on every backend, 1e-5/1e-4 for

@@ -15,6 +15,8 @@ from regnde.tableau import Tableau
 from regnde.trace import Array, Solution, StepResult, Trace
 
 SENSITIVITIES = ("direct", "adjoint")
+#: What :attr:`Backend.default_for` may hold.
+DEFAULT_KINDS = ("ode", "sde")
 TRACE_MODES = ("full", "summary")
 
 
@@ -151,7 +153,8 @@ class Backend(ABC):
     """A solver suite behind regnde's protocol.
 
     Class attributes:
-        name: registry name. framework: ``"torch"`` or ``"jax"`` (for error messages).
+        name: registry name. framework: the top-level module of the arrays it takes, as
+            :func:`regnde.validate.framework_of` names it (``"torch"``, ``"jax"``, ...).
         sensitivities: the sensitivities :meth:`solve` supports.
         runs_tableaus: whether registered tableaus become methods of this backend.
         sde: whether the backend solves SDEs.
@@ -167,6 +170,20 @@ class Backend(ABC):
             receives one time per sample, and :meth:`step` and :meth:`Run.step` take one
             ``t``/``dt`` per sample (or one for all) and return per-sample ``error`` and
             ``stiffness``, ``(batch,)``. ``False``: one trace for the whole batch, scalar errors.
+
+    Capabilities the core reads instead of naming backends (so a third-party backend gets
+    every feature a built-in one has):
+        default_for: ``"ode"`` and/or ``"sde"``: ``backend=None`` picks this backend for ``y0``
+            of its :attr:`framework` (ODEs / SDEs). Where several declare the same, a built-in
+            wins, else the first registered.
+        install_hint: how to install what the backend needs (``pip install ...``), added to the
+            error when it cannot be constructed.
+        distributed: module path of its data-parallel helpers for :mod:`regnde.distributed`
+            (``all_reduce_sum_max``, ``setup``, optionally ``data_parallel``, ``make_mesh``,
+            ``shard_batch``), or ``None``.
+        dropin_hint: for a backend without a drop-in (a ``regularize`` method, which
+            :func:`regnde.regularize` uses): how to regularize unchanged code of its library
+            instead, said when no installed backend has a drop-in.
     """
 
     name: ClassVar[str]
@@ -182,6 +199,10 @@ class Backend(ABC):
     ode_tolerances: ClassVar[tuple[float, float]] = (1e-6, 1e-6)
     #: for SDEs: torchsde's own defaults, which adaptive step doubling can meet.
     sde_tolerances: ClassVar[tuple[float, float]] = (1e-5, 1e-4)
+    default_for: ClassVar[tuple[str, ...]] = ()
+    install_hint: ClassVar[str] = ""
+    distributed: ClassVar[str | None] = None
+    dropin_hint: ClassVar[str] = ""
 
     @abstractmethod
     def native_methods(self) -> Mapping[str, Tableau | None]:

@@ -14,6 +14,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+# What ``regnde demo`` needs, and the install line that brings it (the demo's own requirement,
+# declared by the experiments package, which imports nothing itself).
+from regnde.experiments import DEMO_INSTALL as DEMO_INSTALL
+from regnde.experiments import DEMO_NEEDS as DEMO_NEEDS
+
 DESCRIPTION = (
     "regnde: regularizers that make neural differential equations cheap to solve, on any "
     "solver suite."
@@ -24,9 +29,6 @@ EXPERIMENTS_MISSING = (
 )
 #: What the experiment runner needs beyond the core (the ``experiments`` extra).
 EXPERIMENT_MODULES = ("tqdm", "matplotlib", "sklearn")
-#: What ``regnde demo`` needs, and the install line that brings it.
-DEMO_NEEDS = ("torch", "torchdiffeq", "sklearn", "tqdm", "matplotlib")
-DEMO_INSTALL = 'pip install "regnde[torch,experiments]"'
 
 
 class UsageError(ValueError):

@@ -1,8 +1,10 @@
 """Data-parallel training: rank-aware keys, batch shards and statistics reduced across ranks.
 
-Backend-neutral: nothing here imports torch or jax. The pieces a framework must provide live in
-adapters and are imported on first use (``regnde.adapters.torch_distributed`` for
-``torch.distributed``).
+Backend-neutral: nothing here imports a framework or names a backend. The pieces a framework
+must provide live in the module a backend declares as its ``distributed`` capability
+(:attr:`regnde.backend.Backend.distributed`; for the built-in torch backends
+``regnde.adapters.torch_distributed``, for JAX ``regnde.adapters.jax_distributed``), imported on
+first use; a third-party backend that declares one gets all of this too.
 
 - :func:`rank_key`: each rank draws its own sampled times from ``key.fold(rank)``; the same
   seed and world size give the same draws on every run.
@@ -43,20 +45,53 @@ from typing import Any
 
 from regnde.errors import batch_not_divisible, choices
 from regnde.trace import Stats
+from regnde.validate import framework_of
 
 #: Fields of :class:`regnde.Stats`, in the order they travel between ranks.
 STAT_FIELDS = ("nfe", "nfe_reg", "n_steps", "n_rejected")
 
-#: ``framework -> adapter module`` providing ``all_reduce_sum_max`` (and, for torch, ``setup``;
-#: for jax, ``data_parallel``, ``make_mesh``, ``shard_batch``).
-ADAPTERS = {"torch": "regnde.adapters.torch_distributed",
-            "jax": "regnde.adapters.jax_distributed"}
-
 AllReduce = Callable[[Sequence[float]], tuple[Sequence[float], Sequence[float], int]]
 
 
+# -- helper modules -----------------------------------------------------------------------------
+def helper_modules() -> dict[str, str]:
+    """``framework -> module path`` of the distributed helpers the registered backends declare
+    (:attr:`regnde.backend.Backend.distributed`), in preference order: for each framework the
+    first backend's (built-ins first, then in registration order). Imports nothing."""
+    from regnde.plugins.manager import registry
+
+    reg = registry()
+    found: dict[str, str] = {}
+    for name in reg.in_order():
+        path = reg.capability(name, "distributed")
+        if path:
+            found.setdefault(str(reg.capability(name, "framework")), str(path))
+    return found
+
+
+def helpers(framework: str | None = None, needs: str = "all_reduce_sum_max",
+            what: str = "distributed helpers") -> Any:
+    """The distributed helper module of ``framework`` (``None``: the first framework whose
+    module has ``needs``), imported. ``what`` names the caller in errors."""
+    modules = helper_modules()
+    if framework is not None:
+        if framework not in modules:
+            raise ValueError(choices(f"framework for {what}", framework, modules,
+                                     "Or pass all_reduce=... for another communication layer."
+                                     if needs == "all_reduce_sum_max" else ""))
+        modules = {framework: modules[framework]}
+    for path in modules.values():
+        module = importlib.import_module(path)
+        if hasattr(module, needs):
+            return module
+    offered = ", ".join(f"{fw} ({path})" for fw, path in helper_modules().items()) or "none"
+    raise ValueError(f"{what} needs a backend whose distributed helpers provide {needs}(), and "
+                     f"no registered one declares such a module (Backend.distributed); "
+                     f"declared: {offered}.")
+
+
 # -- keys ---------------------------------------------------------------------------------------
-def rank_key(key: Any, rank: int, *, backend: str = "torchdiffeq") -> Any:
+def rank_key(key: Any, rank: int, *, backend: str | None = None) -> Any:
     """The key of one rank: ``key`` folded with ``rank``.
 
     Pass the result (or ``.fold(step)`` of it, for a fresh key per training step) as ``key=`` to
@@ -66,11 +101,15 @@ def rank_key(key: Any, rank: int, *, backend: str = "torchdiffeq") -> Any:
 
     Args:
         key: an int seed, a key of the backend (anything with ``fold``, e.g. the result of an
-            earlier ``rank_key``), or what the backend's ``make_key`` accepts (a
-            ``torch.Generator``; a JAX PRNG key on diffrax).
+            earlier ``rank_key``), or what a backend's ``make_key`` accepts (a
+            ``torch.Generator``, a JAX PRNG key).
         rank: this process's rank, ``0 <= rank``.
-        backend: the backend whose keys an int seed becomes (``"torchdiffeq"`` by default;
-            ``"diffrax"`` for JAX).
+        backend: the backend whose keys ``key`` becomes. ``None`` (the default): for a
+            generator or PRNG key, the backend of its framework that accepts it (the one
+            ``backend=None`` solves with, see :func:`regnde.api.default_backend`); for an int
+            seed or ``None``, the first registered backend that declares itself a default
+            (built-ins first: the torch keys of ``"torchdiffeq"`` where torch is installed, as
+            before). Name the backend (``backend="diffrax"``) for JAX keys from an int seed.
 
     Returns:
         A key of the backend (it has ``fold`` and ``uniform``).
@@ -78,10 +117,37 @@ def rank_key(key: Any, rank: int, *, backend: str = "torchdiffeq") -> Any:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank must be a non-negative int, got {rank!r}.")
     if not hasattr(key, "fold"):
-        from regnde.plugins.manager import registry
-
-        key = registry().backend(backend).make_key(key)
+        key = _make_key(key, backend)
     return key.fold(rank)
+
+
+def _make_key(key: Any, backend: str | None) -> Any:
+    from regnde.plugins.manager import registry
+
+    reg = registry()
+    if backend is not None:
+        return reg.backend(backend).make_key(key)
+    if key is None or (isinstance(key, int) and not isinstance(key, bool)):
+        candidates = reg.defaults(None, "ode") or reg.defaults(None, "sde")
+        if not candidates:
+            raise ValueError("rank_key: no registered backend declares itself a default "
+                             "(Backend.default_for); pass backend=..." + reg.failure_note())
+        return reg.backend(candidates[0]).make_key(key)
+    fw = framework_of(key)
+    candidates = list(dict.fromkeys(
+        [*reg.defaults(fw, "ode"), *reg.defaults(fw, "sde"), *reg.of_framework(fw)]))
+    errors = []
+    for name in candidates:
+        try:
+            return reg.backend(name).make_key(key)
+        except Exception as exc:  # not this backend's kind of key: try the next one
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+    tried = f" (tried {'; '.join(errors)})" if errors else ""
+    raise ValueError(
+        f"rank_key: cannot tell which backend's key {type(key).__module__}."
+        f"{type(key).__name__} is: no registered backend of framework {fw!r} accepts it"
+        f"{tried}. Pass an int seed, a key with fold(), or backend=...{reg.failure_note()}"
+    )
 
 
 # -- batches ------------------------------------------------------------------------------------
@@ -160,7 +226,7 @@ def reduce_stats(
     *,
     loss: Any = None,
     reg: Any = None,
-    framework: str = "torch",
+    framework: str | None = None,
     all_reduce: AllReduce | None = None,
     **options: Any,
 ) -> Reduced:
@@ -173,10 +239,14 @@ def reduce_stats(
     Args:
         stats: this rank's :class:`regnde.Stats` (``sol.stats`` or the drop-in's ``reg.stats``).
         loss, reg: this rank's scalars (tensors, arrays or numbers) or ``None``.
-        framework: whose collectives to use: ``"torch"`` (``torch.distributed``; the default
+        framework: whose collectives to use (a framework whose backend declares distributed
+            helpers, :func:`helper_modules`): ``"torch"`` (``torch.distributed``; the default
             process group unless ``group=`` is passed in ``options``), or ``"jax"`` (between
             JAX processes of a multi-host job; one process: its own values). Inside a sharded
-            JAX step the shards are reduced by :func:`data_parallel` itself.
+            JAX step the shards are reduced by :func:`data_parallel` itself. ``None`` (the
+            default): the framework of ``loss`` or ``reg`` where they are arrays of one that
+            has helpers, else the first framework that has them (built-ins first: torch where
+            it is installed).
         all_reduce: instead of ``framework``, a function taking this rank's values and returning
             ``(sums, maxima, world_size)`` over ranks (for another communication layer).
         **options: passed to the framework's all-reduce (torch: ``group``).
@@ -187,10 +257,11 @@ def reduce_stats(
     given = [(name, v) for name, v in (("loss", loss), ("reg", reg)) if v is not None]
     values = [_scalar(v) for _, v in given] + [float(getattr(stats, f)) for f in STAT_FIELDS]
     if all_reduce is None:
-        if framework not in ADAPTERS:
-            raise ValueError(choices("framework for reduce_stats", framework, ADAPTERS,
-                                     "Or pass all_reduce=... for another communication layer."))
-        module = importlib.import_module(ADAPTERS[framework])
+        if framework is None:
+            offered = helper_modules()
+            framework = next((fw for fw in (framework_of(v) for _, v in given)
+                              if fw in offered), None)
+        module = helpers(framework, "all_reduce_sum_max", "reduce_stats")
         sums, maxs, world = module.all_reduce_sum_max(values, **options)
     else:
         sums, maxs, world = all_reduce(values)
@@ -214,8 +285,12 @@ def reduced(names: Sequence[str], sums: Sequence[float], maxs: Sequence[float],
 
 
 # -- process groups -----------------------------------------------------------------------------
-def setup(framework: str = "torch", **options: Any) -> Any:
+def setup(framework: str | None = None, **options: Any) -> Any:
     """Join the process group of a launcher (``torchrun``) and return the rank's context.
+
+    ``framework``: whose ``setup`` to run, from the distributed helpers its backend declares
+    (:func:`helper_modules`); ``None`` (the default): the first framework that has them
+    (built-ins first: torch where it is installed).
 
     ``framework="torch"``: :func:`regnde.adapters.torch_distributed.setup` (gloo on CPU, nccl
     on GPU, picked by device; a timeout so that a failed rank stops the others instead of
@@ -225,9 +300,7 @@ def setup(framework: str = "torch", **options: Any) -> Any:
     (``jax.distributed.initialize(**options)`` for multi-host jobs, then the 1-D ``"data"`` mesh
     over every device of every process, which it returns).
     """
-    if framework not in ADAPTERS:
-        raise ValueError(choices("framework for setup", framework, ADAPTERS))
-    return importlib.import_module(ADAPTERS[framework]).setup(**options)
+    return helpers(framework, "setup", "setup").setup(**options)
 
 
 # -- JAX ----------------------------------------------------------------------------------------
@@ -236,18 +309,19 @@ def data_parallel(loss_fn: Callable[..., Any], update: Callable[..., Any], mesh:
     """A jitted JAX training step sharded over a 1-D device ``mesh`` (``jax.shard_map``): each
     shard its own system with its own key ``rank_key(seed, i, backend="diffrax").fold(step)``,
     gradients averaged with ``jax.lax.pmean``. See
-    :func:`regnde.adapters.jax_distributed.data_parallel` (imports JAX on first use)."""
-    return importlib.import_module(ADAPTERS["jax"]).data_parallel(loss_fn, update, mesh,
-                                                                  **options)
+    :func:`regnde.adapters.jax_distributed.data_parallel` (imports JAX on first use; the
+    first backend whose distributed helpers have ``data_parallel`` provides it)."""
+    return helpers(None, "data_parallel", "data_parallel").data_parallel(loss_fn, update, mesh,
+                                                                         **options)
 
 
 def make_mesh(devices: Sequence[Any] | None = None, axis: str = "data") -> Any:
     """A 1-D JAX device mesh named ``axis`` (default: every device of every host); see
     :func:`regnde.adapters.jax_distributed.make_mesh`."""
-    return importlib.import_module(ADAPTERS["jax"]).make_mesh(devices, axis)
+    return helpers(None, "make_mesh", "make_mesh").make_mesh(devices, axis)
 
 
 def shard_batch(batch: Any, mesh: Any, axis: str = "data") -> Any:
     """A JAX batch placed on ``mesh``, split along ``axis`` (checked with
     :func:`check_batch`); see :func:`regnde.adapters.jax_distributed.shard_batch`."""
-    return importlib.import_module(ADAPTERS["jax"]).shard_batch(batch, mesh, axis)
+    return helpers(None, "shard_batch", "shard_batch").shard_batch(batch, mesh, axis)

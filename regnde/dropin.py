@@ -1,4 +1,5 @@
-"""The drop-in for existing torchdiffeq code: :func:`regularize`."""
+"""The drop-in for existing solver code: :func:`regularize`, served by the first registered
+backend that has a ``regularize`` method (torchdiffeq's and torchsde's among the built-ins)."""
 
 from __future__ import annotations
 
@@ -45,9 +46,23 @@ def regularize(regularizer: Any, key: Any = None, trace: str = "summary",
         if callable(getattr(backend, "regularize", None)):
             hosts.append(backend)
     if not hosts:
-        raise ValueError(
-            "regnde.regularize wraps torchdiffeq/torchsde calls, and neither is installed: "
-            'pip install "regnde[torch]" or "regnde[torchsde]". For diffrax use the wrapper '
-            "solver regnde.diffrax.Regularized(solver, regularizer, key=...)."
-        )
+        raise ValueError(no_host_message(reg))
     return hosts[0].regularize(regularizer, key=key, trace=trace, max_steps=max_steps)
+
+
+def no_host_message(reg: Any) -> str:
+    """Why :func:`regularize` cannot work: no backend with a drop-in is installed. Says which
+    built-in ones would bring one and how to install them, and what the installed backends
+    offer instead (their ``dropin_hint``)."""
+    missing = [f"{b.dropin} ({b.install})" for b in reg.missing_builtins() if b.dropin]
+    msg = "regnde.regularize needs a backend with a drop-in, and none is installed"
+    msg += f"; the built-in ones wrap unchanged {'; '.join(missing)}." if missing else "."
+    for name in reg.in_order():
+        try:
+            hint = reg.capability(name, "dropin_hint", "")
+            has_dropin = callable(reg.capability(name, "regularize"))
+        except Exception:
+            continue
+        if hint and not has_dropin:
+            msg += f" {name}: {hint}."
+    return msg

@@ -67,12 +67,8 @@ def steer(t: Any, b: float, key: Any = None, backend: str | None = None) -> Any:
     Returns:
         The new ``(T,)`` time grid.
     """
-    from regnde.api import DEFAULT_BACKENDS
+    from regnde.api import default_backend
     from regnde.plugins.manager import registry
-    from regnde.validate import framework_of
 
-    name = backend or DEFAULT_BACKENDS.get((framework_of(t), False))
-    if name is None:
-        raise ValueError(f"cannot infer a backend from t of type {type(t).__name__}; pass "
-                         f"backend=... or a torch tensor / JAX array.")
+    name = backend or default_backend(t, label="t")
     return steer_times(t, b, registry().backend(name).make_key(key))

@@ -39,6 +39,7 @@ import jax.tree_util as jtu
 import numpy as np
 import optimistix as optx
 
+from regnde.adapters import builtin
 from regnde.backend import Backend, SolveRequest, StepRequest
 from regnde.errors import (
     MaxStepsExceeded,
@@ -596,6 +597,11 @@ class DiffraxBackend(Backend):
     name = "diffrax"
     framework = "jax"
     augments = True
+    default_for = ("ode", "sde")
+    install_hint = builtin(__name__).install
+    distributed = "regnde.adapters.jax_distributed"
+    dropin_hint = ("for unchanged diffrax.diffeqsolve code, the wrapper solver "
+                   "regnde.diffrax.Regularized(solver, regularizer, key=...)")
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return {name: native_tableau(name) for name in NATIVE}

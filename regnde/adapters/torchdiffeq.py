@@ -47,6 +47,7 @@ from torchdiffeq._impl.rk_common import (
     _RungeKuttaState,
 )
 
+from regnde.adapters import builtin
 from regnde.adapters.torch_dropin import Block, register_scope
 from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
 from regnde.adapters.torch_scope import RecordingScope, called_from
@@ -692,6 +693,9 @@ class TorchdiffeqBackend(Backend):
     name = "torchdiffeq"
     framework = "torch"
     augments = True
+    default_for = ("ode",)
+    install_hint = builtin(__name__).install
+    distributed = "regnde.adapters.torch_distributed"
 
     @functools.cached_property
     def _native(self) -> Mapping[str, Tableau | None]:

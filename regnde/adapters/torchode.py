@@ -36,6 +36,7 @@ from torchode import IntegralController, ODETerm, PIDController, status_codes
 from torchode.single_step_methods.runge_kutta import ERKState
 
 from regnde import errors
+from regnde.adapters import builtin
 from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
 from regnde.backend import Backend, SolveRequest, StepRequest
 from regnde.plugins.hookspecs import hookimpl
@@ -333,6 +334,8 @@ class TorchodeBackend(Backend):
     sensitivities = ("direct",)
     runs_tableaus = False
     per_sample_steps = True
+    install_hint = builtin(__name__).install
+    distributed = "regnde.adapters.torch_distributed"
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return {name: native_tableau(name) for name in METHODS}

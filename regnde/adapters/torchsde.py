@@ -74,6 +74,7 @@ from torchsde import BrownianInterval
 from torchsde._core import adaptive_stepping, base_sde, interp
 from torchsde.settings import LEVY_AREA_APPROXIMATIONS, METHODS, NOISE_TYPES, SDE_TYPES
 
+from regnde.adapters import builtin
 from regnde.adapters.torch_dropin import Block, register_scope
 from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
 from regnde.adapters.torch_scope import RecordingScope, called_from
@@ -698,6 +699,9 @@ class TorchsdeBackend(Backend):
     runs_tableaus = False
     sde = True
     default_method = None
+    default_for = ("sde",)
+    install_hint = builtin(__name__).install
+    distributed = "regnde.adapters.torch_distributed"
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return dict.fromkeys(METHOD_NAMES)

@@ -8,3 +8,8 @@ papers' tables (:mod:`regnde.experiments.report`). Experiments register by name 
 
 This package is the torch side of regnde and imports torch; the library core does not.
 """
+
+#: What ``regnde demo`` (:mod:`regnde.experiments.demo`, a torch experiment) needs, and the install
+#: line that brings it; the command line checks these before importing the demo.
+DEMO_NEEDS = ("torch", "torchdiffeq", "sklearn", "tqdm", "matplotlib")
+DEMO_INSTALL = 'pip install "regnde[torch,experiments]"'

@@ -1,11 +1,17 @@
 """Loading plugins and looking up what they registered.
 
-Built-in parts are plugins too (:data:`DEFAULT_PLUGINS`): they are registered first, through the
-same hooks third parties use. Third-party plugins come from the entry-point group ``regnde``;
-set ``REGNDE_DISABLE_PLUGIN_AUTOLOAD=1`` to skip them. Nothing is imported until the registry is
-first used. A plugin that fails to import, raises in a hook or registers an invalid object is
-recorded under its name; using what it should have provided raises :class:`PluginError` naming
-it, and everything else keeps working.
+Built-in parts are plugins too (:data:`DEFAULT_PLUGINS`; the built-in backends are listed in
+:data:`regnde.adapters.BUILTIN`): they are registered first, through the same hooks third parties
+use, and are called through pluggy's hook registry like them. Third-party plugins come from the
+entry-point group ``regnde``; set ``REGNDE_DISABLE_PLUGIN_AUTOLOAD=1`` to skip them. Nothing is
+imported until the registry is first used. A plugin that fails to import, raises in a hook or
+registers an invalid object is recorded under its name; using what it should have provided
+raises :class:`PluginError` naming it, and everything else keeps working.
+
+Nothing here names a backend: what the core needs to know of one (the default backend of a
+framework, install hints, distributed helpers) it reads from the capabilities the backend
+declares (:class:`regnde.backend.Backend`) or, for a built-in whose suite is not installed,
+from :data:`regnde.adapters.BUILTIN`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import Any
 
 import pluggy
 
+from regnde.adapters import BUILTIN, Builtin
+from regnde.backend import DEFAULT_KINDS
 from regnde.errors import PluginError, choices, plugin_unavailable
 from regnde.plugins import hookspecs
 from regnde.tableau import Tableau
@@ -27,14 +35,13 @@ from regnde.tableau import Tableau
 ENV_DISABLE = "REGNDE_DISABLE_PLUGIN_AUTOLOAD"
 ENTRY_POINT_GROUP = "regnde"
 
+#: Built-in plugin modules, registered first and in this order: methods, samplers,
+#: regularizers, then the built-in backends (:data:`regnde.adapters.BUILTIN`).
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "regnde.solvers",
     "regnde.samplers",
     "regnde.regularizers",
-    "regnde.adapters.torchdiffeq",
-    "regnde.adapters.torchsde",
-    "regnde.adapters.diffrax",
-    "regnde.adapters.torchode",
+    *BUILTIN,
 )
 
 KINDS = {
@@ -127,18 +134,29 @@ class Registry:
             self.failures[name] = f"could not be registered: {type(exc).__name__}: {exc}"
 
     def _collect_from(self, plugin: Any, plugin_name: str) -> None:
+        """Call ``plugin``'s implementations of every hook, as pluggy registered them, each
+        with a ``register`` callback that files what it registers under ``plugin_name``; a
+        failure is recorded against the plugin and the other hooks and plugins still run."""
         for hook_name, kind in KINDS.items():
-            impl = getattr(plugin, hook_name, None)
-            if impl is None:
-                continue
+            caller = getattr(self.pm.hook, hook_name, None)
+            impls = [] if caller is None else [
+                impl for impl in caller.get_hookimpls()
+                if impl.plugin is plugin and not (impl.hookwrapper or impl.wrapper)
+            ]
+            if not impls and callable(getattr(plugin, hook_name, None)):
+                self._fail(plugin_name, f"defines {hook_name} without @regnde.hookimpl, "
+                                        f"so it is never called")
+            for impl in impls:
 
-            def register(*args: Any, _kind: str = kind) -> None:
-                self._register(_kind, plugin_name, *args)
+                def register(*args: Any, _kind: str = kind) -> None:
+                    self._register(_kind, plugin_name, *args)
 
-            try:
-                impl(register=register)
-            except Exception as exc:
-                self._fail(plugin_name, f"raised in {hook_name}: {type(exc).__name__}: {exc}")
+                given = {"register": register}
+                try:
+                    impl.function(**{arg: given[arg] for arg in impl.argnames})
+                except Exception as exc:
+                    self._fail(plugin_name,
+                               f"raised in {hook_name}: {type(exc).__name__}: {exc}")
 
     def _fail(self, plugin_name: str, cause: str) -> None:
         """Record a failure of ``plugin_name``, keeping earlier ones (one per hook)."""
@@ -192,30 +210,74 @@ class Registry:
 
     def backend(self, name: str) -> Any:
         """The backend registered as ``name`` (constructed on first use)."""
-        entry = self.entry("backend", name, _BACKEND_HINTS.get(name, ""))
+        entry = self.entry("backend", name, install_note(self.install_command(name)))
         obj = entry.obj
         if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "solve")):
             try:
                 obj = obj()
             except Exception as exc:
+                hint = getattr(obj, "install_hint", "") or ""
                 raise PluginError(
                     f"backend {name!r} from plugin {entry.plugin!r} could not be constructed: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"{type(exc).__name__}: {exc}" + (f". {install_note(hint)}" if hint else "")
                 ) from exc
             entry.obj = obj
         return obj
+
+    def install_command(self, backend: str) -> str:
+        """The install command of the built-in backend ``backend`` (``""`` for any other)."""
+        for b in BUILTIN.values():
+            if b.backend == backend:
+                return b.install
+        return ""
+
+    def missing_builtins(self) -> list[Builtin]:
+        """The built-in backends this registry tried and could not import (suite missing)."""
+        self.load()
+        return [b for path, b in BUILTIN.items() if path in self.builtins
+                and path in self.failures]
+
+    def capability(self, name: str, attr: str, default: Any = None) -> Any:
+        """Attribute ``attr`` of the backend registered as ``name``, read from its class where
+        it was registered as one (nothing is constructed); ``default`` when it cannot be read
+        (a factory that fails to construct)."""
+        obj = self.entry("backend", name).obj
+        if not (isinstance(obj, type) or hasattr(obj, "solve")):
+            try:
+                obj = self.backend(name)
+            except Exception:
+                return default
+        return getattr(obj, attr, default)
+
+    def in_order(self) -> list[str]:
+        """Names of the registered backends in preference order: built-ins in registration
+        order, then the others in registration order (:meth:`names` sorts them instead)."""
+        self.load()
+        return list(self.tables["backend"])  # load() collects the built-ins first
+
+    def defaults(self, framework: str | None, kind: str) -> list[str]:
+        """The backends that declare themselves the default (``Backend.default_for``) for
+        ``kind`` (``"ode"`` or ``"sde"``) of ``framework`` (``None``: any), preferred first:
+        built-ins in registration order, then the others in registration order."""
+        if kind not in DEFAULT_KINDS:
+            raise ValueError(choices("kind of default backend", kind, DEFAULT_KINDS))
+        return [n for n in self.in_order()
+                if kind in (self.capability(n, "default_for", ()) or ())
+                and (framework is None or self.capability(n, "framework") == framework)]
+
+    def of_framework(self, framework: str) -> list[str]:
+        """The registered backends that take arrays of ``framework``, in preference order."""
+        return [n for n in self.in_order()
+                if self.capability(n, "framework") == framework]
 
     def tableaus(self) -> dict[str, Tableau]:
         self.load()
         return {k: e.obj for k, e in self.tables["method"].items()}
 
 
-_BACKEND_HINTS = {
-    "torchdiffeq": "Install it with `pip install regnde[torch]`.",
-    "torchsde": "Install it with `pip install regnde[torchsde]`.",
-    "diffrax": "Install it with `pip install regnde[jax]`.",
-    "torchode": "Install it with `pip install regnde[torchode]`.",
-}
+def install_note(command: str) -> str:
+    """``"Install it with `<command>`."`` (``""`` without a command)."""
+    return f"Install it with `{command}`." if command else ""
 
 
 def _check(kind: str, name: str, obj: Any) -> None:
