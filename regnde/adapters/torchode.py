@@ -154,6 +154,7 @@ class Recorder:
         self.t0, self.t1 = r.t[0].detach(), r.t[-1].detach()
         self.plan = Plan(r.regularizer, key, self.t0, self.t1, r.trace)
         self.keep_states, self.probes = self.plan.keep_states, self.plan.probes
+        self.presampled = self.plan.presampled
         self.captured: dict[int, torch.Tensor] = {}
         self.found: dict[int, torch.Tensor] = {}
         self.t_now = t_start.detach()
