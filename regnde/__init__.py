@@ -13,6 +13,10 @@ from regnde.api import backends as backends
 from regnde.api import methods as methods
 from regnde.api import solve as solve
 from regnde.api import step as step
+from regnde.backend import Backend as Backend
+from regnde.backend import Key as Key
+from regnde.backend import Point as Point
+from regnde.backend import Run as Run
 from regnde.dropin import regularize as regularize
 from regnde.errors import MaxStepsExceeded as MaxStepsExceeded
 from regnde.errors import NonFiniteError as NonFiniteError

@@ -30,7 +30,8 @@ from typing import Any, ClassVar
 
 from array_api_compat import array_namespace
 
-from regnde.errors import NonFiniteError, choices, non_finite_regularizer
+from regnde.engine import check_value
+from regnde.errors import choices
 from regnde.plugins.hookspecs import hookimpl
 from regnde.samplers import Sampler, index_dtype, take
 from regnde.structural import Structural
@@ -635,30 +636,11 @@ def as_regularizer(reg: Any) -> Regularizer:
 
 
 def evaluate(reg: Regularizer, run: Any, key: Any, presampled: Presampled) -> Array:
-    """``reg.value(...)``, checked for NaN/Inf when values are concrete (eager mode)."""
+    """``reg.value(...)``, checked for NaN/Inf when values are concrete (eager mode); the
+    backends call :func:`regnde.engine.regularize`, which also counts evaluations."""
     value = reg.value(run, key, presampled)
-    if is_concrete(value):
-        xp = array_namespace(value)
-        if not bool(xp.all(xp.isfinite(value))):
-            raise NonFiniteError(non_finite_regularizer(repr(reg), _where_non_finite(run)))
+    check_value(value, reg, run.trace)
     return value
-
-
-def _where_non_finite(run: Any) -> str:
-    trace = run.trace
-    xp = array_namespace(trace.error)
-    bad = ~xp.isfinite(trace.error)
-    if trace.stiffness is not None:
-        bad = bad | ~xp.isfinite(trace.stiffness)
-    bad = bad & trace.mask
-    if bool(xp.any(bad)):
-        if bad.ndim == 2:  # per-sample trace
-            b = int(xp.argmax(xp.astype(xp.any(bad, axis=-1), xp.int32)))
-            j = int(xp.argmax(xp.astype(bad[b], xp.int32)))
-            return f"first at accepted step {j} of sample {b}, t={float(trace.t[b, j]):.6g}"
-        j = int(xp.argmax(xp.astype(bad, xp.int32)))
-        return f"first at accepted step {j}, t={float(trace.t[j]):.6g}"
-    return "in the regularizer's extra step"
 
 
 @hookimpl

@@ -41,6 +41,7 @@ import optimistix as optx
 
 from regnde.adapters import builtin
 from regnde.backend import Backend, SolveRequest, StepRequest
+from regnde.engine import Plan, check_value, regularize, solution
 from regnde.errors import (
     MaxStepsExceeded,
     NonFiniteError,
@@ -52,7 +53,7 @@ from regnde.errors import (
     trace_capacity_exceeded,
 )
 from regnde.plugins.hookspecs import hookimpl
-from regnde.regularizers import containing_step, evaluate
+from regnde.regularizers import containing_step
 from regnde.samplers import take
 from regnde.tableau import Tableau, equal_c_pair
 from regnde.trace import Solution, Stats, StepResult, Trace
@@ -656,15 +657,8 @@ class DiffraxBackend(Backend):
                 _solve_jit(r.f, r.y0, t, key.key, dataclasses.replace(static, watch=True))
             _check_result_eager(out, static)
         trace = Trace(**out["trace"])
-        stats = Stats(**out["stats"])
-        value = out["reg"]
-        if value is not None and not traced and not bool(jnp.isfinite(value)):
-            from regnde.regularizers import _where_non_finite
-
-            holder = type("_Run", (), {"trace": trace})()
-            raise NonFiniteError(non_finite_regularizer(repr(r.regularizer),
-                                                        _where_non_finite(holder)))
-        return Solution(ys=out["ys"], reg=value, stats=stats, trace=trace)
+        check_value(out["reg"], r.regularizer, trace, traced)
+        return solution(out["ys"], trace, Stats(**out["stats"]), out["reg"])
 
     def step(self, request: StepRequest) -> StepResult:
         r = request
@@ -732,18 +726,14 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
         # that f closes over (parameters traced by jax.grad) explicit leaves.
         f_solve = eqx.filter_closure_convert(f_solve, t0, state0)
 
-    presampled: dict[Any, Any] = {}
-    probe_ids: list[int] = []
-    probe_ts = None
-    if reg is not None:
-        presampled = reg.presample(t0, t1, key)
-        if presampled:
-            taus = list(presampled.values())
-            probe_ids = [id(v) for v in taus]
-            probe_ts = direction * jax.lax.stop_gradient(jnp.stack(taus).astype(t.dtype))
     # States at step starts cost a (capacity, *y0.shape) buffer: only for trace="full". A
     # sampler that needs a state the solve did not announce (biased) gets it by a replay.
-    keep_states = st.trace == "full"
+    plan = Plan(reg, key, t0, t1, st.trace, replays=True)
+    keep_states = plan.keep_states
+    probe_ts = None
+    if plan.probes:
+        probe_ts = direction * jax.lax.stop_gradient(
+            jnp.stack(plan.probe_times()).astype(t.dtype))
     plain_solver = RecordingSolver(solver, tab, capacity, st.rtol, st.atol, controller.norm,
                                    probe_ts, watch=st.watch)
     rec_solver = plain_solver if aug is None else aug.recording(plain_solver)
@@ -812,17 +802,14 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
                  n_rejected=sol.stats["num_rejected_steps"])
     value = None
     if reg is not None:
-        captured = {}
-        if probe_ids:
-            captured = {pid: record["probes"][i] for i, pid in enumerate(probe_ids)}
+        captured = plan.captured(record["probes"]) if plan.probes else {}
         jrun = JaxRun(trace=Trace(**trace), t0=t0, t1=t1, sensitivity=st.sensitivity,
                       tableau=tab, f=f, solver=solver, controller=controller,
                       captured=captured, y0=y0, integrals=integrals)
-        value = evaluate(reg, jrun, key, presampled)
+        value, stats["nfe_reg"] = regularize(plan, jrun)
         if st.traced:
             value = eqx.error_if(value, ~jnp.isfinite(value), non_finite_regularizer(
                 repr(reg), "the step is not known under jit"))
-        stats["nfe_reg"] = jrun.nfe
         if aug is not None:  # one integrand evaluation per evaluation of the augmented field
             stats["nfe_reg"] = stats["nfe_reg"] + first + (sol.stats["num_steps"] - 1) * later
     if st.trace == "summary":

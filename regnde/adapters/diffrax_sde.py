@@ -57,8 +57,9 @@ from regnde.adapters.diffrax import (
     scaled_error,
 )
 from regnde.backend import SolveRequest, StepRequest
-from regnde.errors import NonFiniteError, non_finite_regularizer
-from regnde.regularizers import containing_step, evaluate
+from regnde.engine import Plan, check_value, regularize, solution
+from regnde.errors import non_finite_regularizer
+from regnde.regularizers import containing_step
 from regnde.samplers import take
 from regnde.trace import Solution, Stats, StepResult, Trace
 from regnde.validate import is_concrete
@@ -441,14 +442,8 @@ def solve_sde(r: SolveRequest) -> Solution:
     if not traced:
         _check_result_eager(out, static)  # type: ignore[arg-type]
     trace = Trace(**out["trace"])
-    value = out["reg"]
-    if value is not None and not traced and not bool(jnp.isfinite(value)):
-        from regnde.regularizers import _where_non_finite
-
-        holder = type("_Run", (), {"trace": trace})()
-        raise NonFiniteError(non_finite_regularizer(repr(r.regularizer),
-                                                    _where_non_finite(holder)))
-    return Solution(ys=out["ys"], reg=value, stats=Stats(**out["stats"]), trace=trace)
+    check_value(out["reg"], r.regularizer, trace, traced)
+    return solution(out["ys"], trace, Stats(**out["stats"]), out["reg"])
 
 
 def _solve_sde(sde: Any, y0: jax.Array, t: jax.Array, key: Any, bm: Any, st: _SdeStatic
@@ -468,16 +463,11 @@ def _solve_sde(sde: Any, y0: jax.Array, t: jax.Array, key: Any, bm: Any, st: _Sd
     terms = make_terms(drift, diffusion, st.noise_type, bm)
     reg = st.regularizer
 
-    presampled: dict[Any, Any] = {}
-    probe_ids: list[int] = []
+    plan = Plan(reg, jkey, t0, t1, st.trace, replays=True)  # SdeRun replays step starts
+    keep_states = plan.keep_states
     probe_ts = None
-    if reg is not None:
-        presampled = reg.presample(t0, t1, jkey)
-        if presampled:
-            taus = list(presampled.values())
-            probe_ids = [id(v) for v in taus]
-            probe_ts = jax.lax.stop_gradient(jnp.stack(taus).astype(t.dtype))
-    keep_states = st.trace == "full"
+    if plan.probes:
+        probe_ts = jax.lax.stop_gradient(jnp.stack(plan.probe_times()).astype(t.dtype))
     rec = RECORDING[st.sde_type](solver, None, st.capacity, st.rtol, st.atol, controller.norm,
                                  probe_ts)
     common = dict(stepsize_controller=controller, max_steps=st.max_steps, throw=False)
@@ -522,19 +512,16 @@ def _solve_sde(sde: Any, y0: jax.Array, t: jax.Array, key: Any, bm: Any, st: _Sd
                  n_rejected=sol.stats["num_rejected_steps"])
     value = None
     if reg is not None:
-        captured = {}
-        if probe_ids:
-            captured = {pid: record["probes"][i] for i, pid in enumerate(probe_ids)}
+        captured = plan.captured(record["probes"]) if plan.probes else {}
         # The local step runs on the unconverted SDE and the same Brownian path.
         run_terms = make_terms(sde.f, sde.g, st.noise_type, bm)
         srun = SdeRun(trace=Trace(**trace), t0=t0, t1=t1, sensitivity=st.sensitivity,
                       terms=run_terms, solver=solver, controller=controller, method=st.method,
                       captured=captured, y0=y0, dt0=st.dt0)
-        value = evaluate(reg, srun, jkey, presampled)
+        value, stats["nfe_reg"] = regularize(plan, srun)
         if st.traced:
             value = eqx.error_if(value, ~jnp.isfinite(value), non_finite_regularizer(
                 repr(reg), "the step is not known under jit"))
-        stats["nfe_reg"] = srun.nfe
     failure = dict(result=sol.result, n=record["n"], t=record["t"], dt=record["dt"],
                    direction=jnp.ones((), t.dtype), t1=t1)
     return dict(ys=ys, trace=trace, stats=stats, reg=value, failure=failure)

@@ -52,6 +52,7 @@ from regnde.adapters.torch_dropin import Block, register_scope
 from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
 from regnde.adapters.torch_scope import RecordingScope, called_from
 from regnde.backend import Backend, SolveRequest, StepRequest
+from regnde.engine import Plan, keeps_states, regularize, solution
 from regnde.errors import (
     MaxStepsExceeded,
     NonFiniteError,
@@ -64,7 +65,6 @@ from regnde.errors import (
     underflow,
 )
 from regnde.plugins.hookspecs import hookimpl
-from regnde.regularizers import evaluate
 from regnde.tableau import Tableau, equal_c_pair
 from regnde.trace import Solution, Stats, StepResult, Trace
 
@@ -236,8 +236,7 @@ class Recorder:
         self.trace_mode, self.max_steps, self.grad = trace, max_steps, grad
         self.tab: Tableau = solver.regnde_tableau
         self.reversed = _is_reversed(self.counter.func)
-        self.keep_states = trace == "full" or (regularizer is not None
-                                              and regularizer.needs_states())
+        self.keep_states = keeps_states(regularizer, trace)
         self.ts: list[torch.Tensor] = []
         self.dts: list[torch.Tensor] = []
         self.ys: list[torch.Tensor] = []
@@ -245,9 +244,9 @@ class Recorder:
         self.stiff: list[torch.Tensor] = []
         self.attempts = 0
         self.rejected = 0
-        self.probes: dict[int, torch.Tensor] = {}
+        self.plan: Plan | None = None
+        self.probes: dict[int, torch.Tensor] = {}  # in solver time
         self.captured: dict[int, torch.Tensor] = {}
-        self.presampled: dict[Any, Any] = {}
         self.value: Any = None
         self.on_end: Callable[[Recorder], None] | None = None
         self.on_skip: Callable[[str, torch.Tensor], None] | None = None
@@ -284,10 +283,10 @@ class Recorder:
         self.keep_states = True
 
     def presample(self) -> None:
-        if self.regularizer is not None:
-            user_t0, user_t1 = self.to_solver(self.t0), self.to_solver(self.t1)
-            self.presampled = self.regularizer.presample(user_t0, user_t1, self.key)
-            self.probes = {id(v): self.to_solver(v) for v in self.presampled.values()}
+        # the plan in user time (``to_solver`` is its own inverse), the probes in solver time
+        self.plan = Plan(self.regularizer, self.key, self.to_solver(self.t0),
+                         self.to_solver(self.t1), self.trace_mode)
+        self.probes = self.plan.probes_as(self.to_solver)
 
     def attempt(self, t0: torch.Tensor) -> None:
         self.attempts += 1
@@ -344,12 +343,15 @@ class Recorder:
         self.integrals = integrals or {}
         self.stats.nfe_reg = nfe_reg
         if self.regularizer is not None:
-            run = TorchRun(self)
-            before = self.counter.n + (self.layout.plain.n if self.layout else 0)
+            assert self.plan is not None
+            layout = self.layout
+
+            def count() -> int:
+                return self.counter.n + (layout.plain.n if layout else 0)
+
             with torch.set_grad_enabled(self.grad):
-                self.value = evaluate(self.regularizer, run, self.key, self.presampled)
-            after = self.counter.n + (self.layout.plain.n if self.layout else 0)
-            self.stats.nfe_reg += after - before
+                self.value, spent = regularize(self.plan, TorchRun(self), count)
+            self.stats.nfe_reg += spent
         self.solver = None  # drop the solver (and its graph references) once done
         if self.on_end is not None:
             self.on_end(self)
@@ -754,7 +756,7 @@ class TorchdiffeqBackend(Backend):
             ys, rs = ys
             integrals = {id(it.owner): rs[-1, i] for i, it in enumerate(aug.integrands)}
             rec.finish(integrals, nfe_reg=aug.n_evals)
-        return Solution(ys=ys, reg=rec.value, stats=rec.stats, trace=rec.trace)
+        return solution(ys, rec.trace, rec.stats, rec.value)
 
     def regularize(self, regularizer: Any, key: Any = None, trace: str = "summary",
                    max_steps: int | None = None) -> Block:

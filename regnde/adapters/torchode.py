@@ -39,8 +39,8 @@ from regnde import errors
 from regnde.adapters import builtin
 from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
 from regnde.backend import Backend, SolveRequest, StepRequest
+from regnde.engine import Plan, regularize, solution
 from regnde.plugins.hookspecs import hookimpl
-from regnde.regularizers import evaluate
 from regnde.tableau import Tableau, equal_c_pair
 from regnde.trace import Solution, Stats, StepResult, Trace
 
@@ -157,11 +157,10 @@ class Recorder:
 
     def __init__(self, stepper: _Stepper, r: SolveRequest, key: TorchKey, t_start: torch.Tensor):
         self.stepper, self.request, self.key = stepper, r, key
-        reg = r.regularizer
-        self.keep_states = r.trace == "full" or (reg is not None and reg.needs_states())
         self.t0, self.t1 = r.t[0].detach(), r.t[-1].detach()
-        self.presampled = {} if reg is None else reg.presample(self.t0, self.t1, key)
-        self.probes = {id(v): v for v in self.presampled.values()}
+        self.plan = Plan(r.regularizer, key, self.t0, self.t1, r.trace)
+        self.keep_states, self.probes = self.plan.keep_states, self.plan.probes
+        self.presampled = self.plan.presampled
         self.captured: dict[int, torch.Tensor] = {}
         self.found: dict[int, torch.Tensor] = {}
         self.t_now = t_start.detach()
@@ -380,12 +379,11 @@ class TorchodeBackend(Backend):
         _check_status(sol.status, rec, r)
         rec.end(shape)
         rec.stats.nfe = field.rows
-        value = None  # the regularizer's steps run on reg_field: counted as nfe_reg
-        if r.regularizer is not None:
-            value = evaluate(r.regularizer, TorchodeRun(rec, shape), key, rec.presampled)
-            rec.stats.nfe_reg = reg_field.rows
+        # the regularizer's steps run on reg_field: counted as nfe_reg
+        value, rec.stats.nfe_reg = regularize(rec.plan, TorchodeRun(rec, shape),
+                                              lambda: reg_field.rows)
         ys = sol.ys.transpose(0, 1).reshape(len(r.t), *y0.shape)
-        return Solution(ys=ys, reg=value, stats=rec.stats, trace=rec.trace)
+        return solution(ys, rec.trace, rec.stats, value)
 
     def step(self, request: StepRequest) -> StepResult:
         r = request

@@ -79,6 +79,7 @@ from regnde.adapters.torch_dropin import Block, register_scope
 from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
 from regnde.adapters.torch_scope import RecordingScope, called_from
 from regnde.backend import Backend, SolveRequest, StepRequest
+from regnde.engine import Plan, keeps_states, regularize, solution
 from regnde.errors import (
     MaxStepsExceeded,
     NonFiniteError,
@@ -88,7 +89,7 @@ from regnde.errors import (
     non_finite_f,
 )
 from regnde.plugins.hookspecs import hookimpl
-from regnde.regularizers import GlobalError, LocalError, LocalStiffness, evaluate
+from regnde.regularizers import GlobalError, LocalError, LocalStiffness
 from regnde.tableau import Tableau
 from regnde.trace import Solution, Stats, StepResult, Trace
 
@@ -386,25 +387,23 @@ class DropinRecorder(Recorder):
     def __init__(self, solver: Any, *, block: Block, key: TorchKey, sensitivity: str):
         reg = block.regularizer
         super().__init__(solver, max_steps=block.max_steps,
-                         keep_states=block.trace_mode == "full" or reg.needs_states(),
+                         keep_states=keeps_states(reg, block.trace_mode),
                          full=block.trace_mode == "full", probes={},
                          error_grad=not _only_local(reg))
         self.block, self.key, self.sensitivity = block, key, sensitivity
-        self.presampled: dict[Any, Any] = {}
         self.nfe = 0
 
     def begin(self, ts: torch.Tensor) -> None:
-        self.presampled = self.block.regularizer.presample(ts[0], ts[-1], self.key)
-        self.probes = {id(v): v for v in self.presampled.values()}
+        self.plan = Plan(self.block.regularizer, self.key, ts[0], ts[-1], self.block.trace_mode)
+        self.probes = self.plan.probes
         self.t_first, self.t_last = ts[0].detach(), ts[-1].detach()
 
     def end(self) -> None:
         trace = self.trace()
         run = SdeRun(self, trace, self.t_first, self.t_last, self.sensitivity, self.solver.dt)
-        before = self.nfe
-        value = evaluate(self.block.regularizer, run, self.key, self.presampled)
-        stats = Stats(nfe=before, nfe_reg=self.nfe - before, n_steps=trace.n_steps,
-                      n_rejected=self.rejected)
+        nfe = self.nfe
+        value, nfe_reg = regularize(self.plan, run, lambda: self.nfe)
+        stats = Stats(nfe=nfe, nfe_reg=nfe_reg, n_steps=trace.n_steps, n_rejected=self.rejected)
         self.solver = None
         self.block.collect(value, stats, trace)
 
@@ -753,10 +752,9 @@ class TorchsdeBackend(Backend):
             options["bm"] = brownian_interval(key, t, (y0.shape[0], m), y0, method)
 
         reg = r.regularizer
-        presampled = reg.presample(t[0], t[-1], key) if reg is not None else {}
-        keep = r.trace == "full" or (reg is not None and reg.needs_states())
-        ctx = _SolveContext(max_steps=r.max_steps, keep_states=keep, full=r.trace == "full",
-                            probes={id(v): v for v in presampled.values()},
+        plan = Plan(reg, key, t[0], t[-1], r.trace)
+        ctx = _SolveContext(max_steps=r.max_steps, keep_states=plan.keep_states,
+                            full=r.trace == "full", probes=plan.probes,
                             error_grad=not _only_local(reg))
         counting = CountingSDE(sde, names)
         fn = _adjoint_mod.sdeint_adjoint if r.sensitivity == "adjoint" else _sdeint_mod.sdeint
@@ -773,18 +771,16 @@ class TorchsdeBackend(Backend):
         if reg is not None:
             run = SdeRun(rec, trace, t[0].detach(), t[-1].detach(), r.sensitivity,
                          options.get("dt", DEFAULT_DT))
-            before = counting.n
-            value = evaluate(reg, run, key, presampled)
-            stats.nfe_reg = counting.n - before
+            value, stats.nfe_reg = regularize(plan, run, lambda: counting.n)
         rec.solver = None
         if r.trace != "full":
             rec.ys = []
-        sol = Solution(ys=ys, reg=value, stats=stats, trace=trace)
+        extras = {}
         if options.get("logqp"):
-            sol.logqp = rest.pop(0)  # type: ignore[attr-defined]
+            extras["logqp"] = rest.pop(0)
         if options.get("extra"):
-            sol.extra_solver_state = rest.pop(0)  # type: ignore[attr-defined]
-        return sol
+            extras["extra_solver_state"] = rest.pop(0)
+        return solution(ys, trace, stats, value, **extras)
 
     def step(self, request: StepRequest) -> StepResult:
         """One step (full and two halves on one Brownian path) from ``(t, y)``.
