@@ -6,7 +6,9 @@ Sections (each a script in this folder, run in its own process, one after the ot
 not compete for cores):
 
 - adapter and regularizer overhead per backend (`bench_torchdiffeq`, `bench_diffrax`,
-  `bench_torchsde`): ratios against the plain backend, interleaved repeats, medians;
+  `bench_torchsde`, `bench_torchode`): ratios against the plain backend, interleaved repeats,
+  medians;
+- regularizer and recording overhead as the batch grows from 1 to 2048 (`bench_batch`);
 - memory as the number of steps grows (`bench_memory`);
 - TayNODE's training slowdown against the error regularizers (`bench_taylor`,
   `bench_taylor_jax`);
@@ -33,12 +35,15 @@ SCRIPTS = {
     "torchdiffeq": ["bench_torchdiffeq.py"],
     "diffrax": ["bench_diffrax.py"],
     "torchsde": ["bench_torchsde.py"],
+    "torchode": ["bench_torchode.py"],
+    "batch": ["bench_batch.py"],
     "memory": ["bench_memory.py"],
     "taylor": ["bench_taylor.py"],
     "taylor-jax": ["bench_taylor_jax.py"],
 }
 QUICK_ARGS = {"torchdiffeq": ["--repeats", "5"], "diffrax": ["--repeats", "5"],
-              "torchsde": ["--repeats", "9"], "memory": ["--targets", "20,200"],
+              "torchsde": ["--repeats", "9"], "torchode": ["--quick"], "batch": ["--quick"],
+              "memory": ["--targets", "20,200"],
               "taylor": ["--repeats", "3"], "taylor-jax": ["--repeats", "3"]}
 EXPERIMENTS = {
     "digits-node": ["none", "local-error-unbiased", "local-error-biased", "local-error-reference",
