@@ -268,6 +268,8 @@ def default_lam(spec: str, defaults: dict[str, str]) -> str:
 
 #: The factors :func:`sweep_lam` applies to an experiment's default coefficient: two decades.
 SWEEP_FACTORS = (0.1, 1.0, 10.0)
+#: STEER's sweep: its coefficient is the half-width as a fraction of the last interval.
+STEER_SWEEP = "0.1,0.5,0.9"
 
 
 def scale_lam(lam: str, factor: float) -> str:
@@ -295,6 +297,8 @@ def sweep_lam(spec: str, base_lam: str, factors: tuple[float, ...] = SWEEP_FACTO
     default for ``spec``, or the user's ``--lam``) times each of ``factors``."""
     if spec == "none":
         return "0"
+    if all(t.family == "steer" for t in parse_regularizer(spec)):
+        return STEER_SWEEP  # a fraction of the last interval: (0, 1), not decades
     if "," in base_lam:
         raise ValueError(f"--sweep-lam builds the candidates from one coefficient; --lam "
                          f"{base_lam!r} already lists several. Pass one of them, or drop "
