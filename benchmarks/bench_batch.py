@@ -23,54 +23,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torchdiffeq
+from torch_bench import Field, medians
 
 import regnde
 from regnde import regularizers as R
 
 DIM, HIDDEN = 16, 32
-
-
-class Field(torch.nn.Module):
-    def __init__(self, dim: int = DIM, hidden: int = HIDDEN, scale: float = 2.0):
-        super().__init__()
-        torch.manual_seed(0)
-        self.l1 = torch.nn.Linear(dim, hidden)
-        self.l2 = torch.nn.Linear(hidden, dim)
-        with torch.no_grad():
-            self.l1.weight.mul_(scale)
-            self.l2.weight.mul_(scale)
-
-    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # autonomous: t is a scalar (torchdiffeq) or of shape (batch,) (torchode)
-        return self.l2(torch.tanh(self.l1(y)))
-
-
-def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
-
-
-def compare(base: Callable[[], object], cand: Callable[[], object], repeats: int,
-            sync: Callable[[], None]) -> tuple[float, float, float]:
-    """``(baseline ms, candidate ms, ratio)``: medians of alternated repeats after 2 warm-ups."""
-    for _ in range(2):  # warm-up
-        base()
-        cand()
-    tb, tc = [], []
-    for _ in range(repeats):
-        tb.append(timed(base, sync))
-        tc.append(timed(cand, sync))
-    mb, mc = statistics.median(tb), statistics.median(tc)
-    return mb * 1e3, mc * 1e3, mc / mb
 
 
 def plain_forward(backend: str, f: torch.nn.Module, y0: torch.Tensor, t: torch.Tensor,
@@ -121,7 +84,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    f = Field(scale=args.scale).to(dev)
+    f = Field(DIM, HIDDEN, scale=args.scale).to(dev)
     t = torch.tensor([0.0, args.span], device=dev)
     tol = {"rtol": 1e-5, "atol": 1e-5}
     max_steps = 4096  # regnde.solve's default
@@ -158,8 +121,8 @@ def main() -> None:
                 with torch.no_grad():
                     return regnde.solve(f, y0, t, trace="summary", **solve).ys
 
-            reg = compare(train(None), train(R.LocalError("unbiased")), n, sync)
-            rec = compare(plain_forward(backend, f, y0, t, tol, max_steps), rec_fwd, n, sync)
+            reg = medians(train(None), train(R.LocalError("unbiased")), n, sync)
+            rec = medians(plain_forward(backend, f, y0, t, tol, max_steps), rec_fwd, n, sync)
             rows.append((batch, steps_s, n, reg, rec))
         print()
         print(f"{backend}: training iteration LocalError(unbiased) / no regularizer (both "

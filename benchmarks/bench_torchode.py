@@ -17,52 +17,14 @@ torchode training iteration without regularizer (issue 13). ``LocalError("biased
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torchode
+from torch_bench import Field, compare
 
 import regnde
 from regnde import regularizers as R
-
-
-class Field(torch.nn.Module):
-    def __init__(self, dim: int = 64, hidden: int = 64, scale: float = 2.0):
-        super().__init__()
-        torch.manual_seed(0)
-        self.l1 = torch.nn.Linear(dim, hidden)
-        self.l2 = torch.nn.Linear(hidden, dim)
-        with torch.no_grad():
-            self.l1.weight.mul_(scale)
-            self.l2.weight.mul_(scale)
-
-    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # torchode passes t of shape (batch,), one time per sample; the field is autonomous
-        return self.l2(torch.tanh(self.l1(y)))
-
-
-def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
-
-
-def compare(name: str, base: Callable[[], object], cand: Callable[[], object], repeats: int,
-            sync: Callable[[], None], target: float | None
-            ) -> tuple[str, float, float, float, float | None]:
-    for _ in range(2):  # warm-up
-        base()
-        cand()
-    tb, tc = [], []
-    for _ in range(repeats):
-        tb.append(timed(base, sync))
-        tc.append(timed(cand, sync))
-    mb, mc = statistics.median(tb), statistics.median(tc)
-    return name, mb * 1e3, mc * 1e3, mc / mb, target
 
 
 def main() -> None:
