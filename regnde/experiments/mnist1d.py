@@ -21,7 +21,7 @@ from regnde.experiments import data as D
 from regnde.experiments.base import Config, register
 from regnde.experiments.node import ArrayExperiment, Arrays
 from regnde.experiments.sde import Diagonal, SDEModule, _need_torchsde
-from regnde.experiments.torch_common import Output, TimeMLP
+from regnde.experiments.torch_common import Output, TimeMLP, classified
 
 
 @dataclass
@@ -99,10 +99,7 @@ class Mnist1dNODE(ArrayExperiment):
         t = torch.tensor([0.0, self.config.t1], dtype=torch.float32)
         sol = self.solve(self.model.func, self.model.encode(x), t, regularizer, key)
         logits = self.model.head(sol.ys[-1])
-        loss = nn.functional.cross_entropy(logits, y)
-        correct = float((logits.argmax(-1) == y).sum())
-        return Output(loss=loss, reg=sol.reg, nfe=float(sol.stats.nfe),
-                      nfe_reg=float(sol.stats.nfe_reg), count=len(y), metric_sum=correct)
+        return classified(logits, y, sol)
 
 
 @dataclass
@@ -146,7 +143,4 @@ class Mnist1dNSDE(Mnist1dNODE):
         sol = self.solve(self.model.sde, self.model.encode(x), t, regularizer, key,
                          adaptive=True, dt=self.config.dt)
         logits = self.model.head(sol.ys[-1])
-        loss = nn.functional.cross_entropy(logits, y)
-        correct = float((logits.argmax(-1) == y).sum())
-        return Output(loss=loss, reg=sol.reg, nfe=float(sol.stats.nfe),
-                      nfe_reg=float(sol.stats.nfe_reg), count=len(y), metric_sum=correct)
+        return classified(logits, y, sol)

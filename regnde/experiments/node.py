@@ -16,6 +16,7 @@ from regnde.experiments.torch_common import (
     TimeMLP,
     TorchExperiment,
     chunks,
+    classified,
     random_rows,
     split_indices,
 )
@@ -119,10 +120,7 @@ class DigitsNODE(ArrayExperiment):
         t = torch.tensor([0.0, self.config.t1], dtype=torch.float32)
         sol = self.solve(self.model.func, x, t, regularizer, key)
         logits = self.model.head(sol.ys[-1])
-        loss = nn.functional.cross_entropy(logits, y)
-        correct = float((logits.argmax(-1) == y).sum())
-        return Output(loss=loss, reg=sol.reg, nfe=float(sol.stats.nfe),
-                      nfe_reg=float(sol.stats.nfe_reg), count=len(y), metric_sum=correct)
+        return classified(logits, y, sol)
 
 
 @dataclass

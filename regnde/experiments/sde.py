@@ -22,7 +22,7 @@ from torch import nn
 import regnde
 from regnde.experiments.base import Config, register
 from regnde.experiments.node import Classifier, DigitsConfig, DigitsNODE
-from regnde.experiments.torch_common import Output, TimeMLP, TorchExperiment
+from regnde.experiments.torch_common import Output, TimeMLP, TorchExperiment, classified
 
 SPIRAL_A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
 
@@ -191,8 +191,4 @@ class DigitsNSDE(DigitsNODE):
         t = torch.tensor([0.0, self.config.t1], dtype=torch.float32)
         sol = self.solve(self.model.sde, x, t, regularizer, key, adaptive=True,
                          dt=self.config.dt)
-        logits = self.model.head(sol.ys[-1])
-        loss = nn.functional.cross_entropy(logits, y)
-        return Output(loss=loss, reg=sol.reg, nfe=float(sol.stats.nfe),
-                      nfe_reg=float(sol.stats.nfe_reg), count=len(y),
-                      metric_sum=float((logits.argmax(-1) == y).sum()))
+        return classified(self.model.head(sol.ys[-1]), y, sol)

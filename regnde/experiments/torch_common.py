@@ -46,6 +46,15 @@ class Output:
     metric_sum: float
 
 
+def classified(logits: torch.Tensor, y: torch.Tensor, sol: regnde.Solution) -> Output:
+    """The :class:`Output` of a classifier: cross-entropy of ``logits`` ``(B, classes)``
+    against labels ``y`` ``(B,)``, the number correct, and the solve's regularizer and NFE."""
+    loss = nn.functional.cross_entropy(logits, y)
+    correct = float((logits.argmax(-1) == y).sum())
+    return Output(loss=loss, reg=sol.reg, nfe=float(sol.stats.nfe),
+                  nfe_reg=float(sol.stats.nfe_reg), count=len(y), metric_sum=correct)
+
+
 class TimeMLP(nn.Module):
     """``f(t, z)``: an MLP with the time appended to the input of every layer.
 
