@@ -32,7 +32,7 @@ CORE = sorted([*ROOT.glob("regnde/*.py"), *ROOT.glob("regnde/plugins/*.py")])
 #: Core files allowed to name a backend, and why.
 EXEMPT = {
     # the documented public import path of diffrax's drop-in (regnde.diffrax.Regularized): a
-    # lazy shim over regnde.adapters.diffrax_dropin, a backend's own module by nature
+    # lazy shim over regnde.adapters.jax.diffrax_dropin, a backend's own module by nature
     "regnde/diffrax.py",
 }
 
@@ -76,7 +76,7 @@ def _backend_names_in(source: str) -> list[str]:
     names = {b.backend for b in BUILTIN.values()}
     hits = []
     for line, text in _words(ast.parse(source)):
-        # a name as a word: "regnde.adapters.diffrax", "torchdiffeq_backend", "torchsde" hit;
+        # a name as a word: "regnde.adapters.jax.diffrax", "torchdiffeq_backend", "torchsde" hit;
         # "torch" or "jax" (frameworks, not backends) do not
         if set(re.split(r"[^A-Za-z0-9]+", text)) & names:
             hits.append(f"line {line}: {text!r}")
@@ -86,7 +86,7 @@ def _backend_names_in(source: str) -> list[str]:
 def test_the_scan_finds_backend_names_outside_docstrings() -> None:
     source = '''
 """Module docstring naming torchdiffeq is fine."""
-import regnde.adapters.torchsde
+import regnde.adapters.torch.torchsde
 X = "diffrax"  # a comment naming torchdiffeq is fine
 
 
@@ -97,7 +97,7 @@ def f(torchdiffeq_backend):
     hits = _backend_names_in(source)
     assert len(hits) == 4, hits
     assert {h.split(": ", 1)[1] for h in hits} == {
-        "'regnde.adapters.torchsde'", "'diffrax'", "'torchdiffeq_backend'"}
+        "'regnde.adapters.torch.torchsde'", "'diffrax'", "'torchdiffeq_backend'"}
 
 
 def test_the_exemptions_are_core_files() -> None:
@@ -265,8 +265,8 @@ def fake_distributed(monkeypatch: pytest.MonkeyPatch, registry: Registry) -> lis
 
 
 def test_distributed_helpers_are_a_backend_capability(fake_distributed: list[Any]) -> None:
-    assert D.helper_modules() == {"torch": "regnde.adapters.torch_distributed",
-                                  "jax": "regnde.adapters.jax_distributed",
+    assert D.helper_modules() == {"torch": "regnde.adapters.torch.distributed",
+                                  "jax": "regnde.adapters.jax.distributed",
                                   "numpy": "fakedist"}
     got = D.reduce_stats(regnde.Stats(nfe=3), loss=np.float64(0.5), framework="numpy", tag=1)
     assert got.world_size == 2 and got.loss == 0.5 and got.stats.nfe == 3.0
@@ -288,7 +288,7 @@ def test_framework_none_keeps_torch_first(fake_distributed: list[Any]) -> None:
 
 
 def test_rank_key_infers_the_backend_from_the_key(fake_distributed: list[Any]) -> None:
-    from regnde.adapters.torch_keys import TorchKey
+    from regnde.adapters.torch.keys import TorchKey
 
     key = D.rank_key(np.random.default_rng(1), 3)  # a numpy generator: the numpy backend's
     assert isinstance(key, FakeKey) and key.path == (3,)

@@ -600,7 +600,7 @@ class DiffraxBackend(Backend):
     augments = True
     default_for = ("ode", "sde")
     install_hint = builtin(__name__).install
-    distributed = "regnde.adapters.jax_distributed"
+    distributed = "regnde.adapters.jax.distributed"
     dropin_hint = ("for unchanged diffrax.diffeqsolve code, the wrapper solver "
                    "regnde.diffrax.Regularized(solver, regularizer, key=...)")
 
@@ -617,14 +617,14 @@ class DiffraxBackend(Backend):
         return make_key(key)
 
     def sde_methods(self) -> Mapping[str, Tableau | None]:
-        from regnde.adapters.diffrax_sde import METHODS
+        from regnde.adapters.jax.diffrax_sde import METHODS
 
         return dict.fromkeys(METHODS)
 
     def solve(self, request: SolveRequest) -> Solution:
         r = request
         if _is_sde(r.f):
-            from regnde.adapters.diffrax_sde import solve_sde
+            from regnde.adapters.jax.diffrax_sde import solve_sde
 
             return solve_sde(r)
         _check_y(r.y0, "y0")
@@ -663,7 +663,7 @@ class DiffraxBackend(Backend):
     def step(self, request: StepRequest) -> StepResult:
         r = request
         if _is_sde(r.f):
-            from regnde.adapters.diffrax_sde import step_sde
+            from regnde.adapters.jax.diffrax_sde import step_sde
 
             return step_sde(r)
         _check_y(r.y, "y")
@@ -717,7 +717,7 @@ def _solve(f: Any, y0: jax.Array, t: jax.Array, key: Any, st: _Static) -> dict[s
     # Integral regularizers: solve (y, r) with an error norm on y alone (jax_augment.py).
     aug = None
     if reg is not None and reg.needs_augmentation():
-        from regnde.adapters.jax_augment import augment
+        from regnde.adapters.jax.augment import augment
 
         aug = augment(f, y0, reg, key, direction, controller)
     f_solve, state0 = (f, y0) if aug is None else (aug.field, aug.state0)

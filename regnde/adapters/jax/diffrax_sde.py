@@ -9,7 +9,7 @@ callables, e.g. an equinox module) runs ``diffrax.diffeqsolve`` on
 with ``HalfSolver(<method's solver>)`` and a ``PIDController``: every step is compared with two
 half steps on the same Brownian path (diffrax's own step doubling), and the controller scales
 ``|y_half - y_full|`` as it scales any error (``norm(err / (atol + rtol * max(|y0|, |y1|)))``).
-The same :class:`regnde.adapters.diffrax.RecordingSolver` as for ODEs wraps the ``HalfSolver``
+The same :class:`regnde.adapters.jax.diffrax.RecordingSolver` as for ODEs wraps the ``HalfSolver``
 and records the accepted steps, so ``trace.error`` is exactly the controller's number and
 differentiable with ``sensitivity="direct"``; ``trace.stiffness`` is ``None``.
 
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 
-from regnde.adapters.diffrax import (
+from regnde.adapters.jax.diffrax import (
     CONTROLLER_OPTIONS,
     CapturedStates,
     JaxKey,
@@ -423,7 +423,7 @@ def solve_sde(r: SolveRequest) -> Solution:
             1 <= capacity <= r.max_steps):
         raise ValueError(f"trace_capacity must be an int in [1, max_steps={r.max_steps}], got "
                          f"{capacity!r}.")
-    from regnde.adapters.diffrax import _check_f
+    from regnde.adapters.jax.diffrax import _check_f
 
     _check_f(sde.f, t[0], r.y0)
     shape = brownian_shape(sde, t[0], r.y0)
@@ -554,7 +554,7 @@ def step_sde(r: StepRequest) -> StepResult:
     if is_concrete(dt) and not bool(dt > 0):
         raise ValueError(f"SDEs on diffrax step forward in time only: dt must be > 0, got "
                          f"{float(dt)}.")
-    from regnde.adapters.diffrax import _check_f
+    from regnde.adapters.jax.diffrax import _check_f
 
     _check_f(sde.f, t0, y)
     shape = brownian_shape(sde, t0, y)
