@@ -26,7 +26,7 @@ import torch
 
 import regnde
 from regnde import regularizers as R
-from regnde.adapters.torch_taylor import jvp_derivatives, taylor_derivatives
+from regnde.adapters.torch.taylor import jvp_derivatives, taylor_derivatives
 
 
 class Field(torch.nn.Module):

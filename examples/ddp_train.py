@@ -25,7 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 import regnde
 from regnde import distributed as D
 from regnde import regularizers as R
-from regnde.adapters.torch_distributed import NotLaunchedError
+from regnde.adapters.torch.distributed import NotLaunchedError
 
 #: ``--regularizer`` choices.
 REGULARIZERS: dict[str, Any] = {

@@ -1,5 +1,5 @@
 """The drop-in for unchanged ``diffrax.diffeqsolve`` code: :class:`Regularized`, a wrapper
-solver, and :func:`value` (see :mod:`regnde.adapters.diffrax_dropin`). JAX is imported on first
+solver, and :func:`value` (see :mod:`regnde.adapters.jax.diffrax_dropin`). JAX is imported on first
 use, so ``import regnde`` stays cheap."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ _PUBLIC = ("Regularized", "value")
 
 def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
-        from regnde.adapters import diffrax_dropin
+        from regnde.adapters.jax import diffrax_dropin
 
         return getattr(diffrax_dropin, name)
     raise AttributeError(f"module 'regnde.diffrax' has no attribute {name!r}")

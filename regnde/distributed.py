@@ -3,7 +3,7 @@
 Backend-neutral: nothing here imports a framework or names a backend. The pieces a framework
 must provide live in the module a backend declares as its ``distributed`` capability
 (:attr:`regnde.backend.Backend.distributed`; for the built-in torch backends
-``regnde.adapters.torch_distributed``, for JAX ``regnde.adapters.jax_distributed``), imported on
+``regnde.adapters.torch.distributed``, for JAX ``regnde.adapters.jax.distributed``), imported on
 first use; a third-party backend that declares one gets all of this too.
 
 - :func:`rank_key`: each rank draws its own sampled times from ``key.fold(rank)``; the same
@@ -292,11 +292,11 @@ def setup(framework: str | None = None, **options: Any) -> Any:
     (:func:`helper_modules`); ``None`` (the default): the first framework that has them
     (built-ins first: torch where it is installed).
 
-    ``framework="torch"``: :func:`regnde.adapters.torch_distributed.setup` (gloo on CPU, nccl
+    ``framework="torch"``: :func:`regnde.adapters.torch.distributed.setup` (gloo on CPU, nccl
     on GPU, picked by device; a timeout so that a failed rank stops the others instead of
     hanging). ``options`` go to it.
 
-    ``framework="jax"``: :func:`regnde.adapters.jax_distributed.setup`
+    ``framework="jax"``: :func:`regnde.adapters.jax.distributed.setup`
     (``jax.distributed.initialize(**options)`` for multi-host jobs, then the 1-D ``"data"`` mesh
     over every device of every process, which it returns).
     """
@@ -309,7 +309,7 @@ def data_parallel(loss_fn: Callable[..., Any], update: Callable[..., Any], mesh:
     """A jitted JAX training step sharded over a 1-D device ``mesh`` (``jax.shard_map``): each
     shard its own system with its own key ``rank_key(seed, i, backend="diffrax").fold(step)``,
     gradients averaged with ``jax.lax.pmean``. See
-    :func:`regnde.adapters.jax_distributed.data_parallel` (imports JAX on first use; the
+    :func:`regnde.adapters.jax.distributed.data_parallel` (imports JAX on first use; the
     first backend whose distributed helpers have ``data_parallel`` provides it)."""
     return helpers(None, "data_parallel", "data_parallel").data_parallel(loss_fn, update, mesh,
                                                                          **options)
@@ -317,11 +317,11 @@ def data_parallel(loss_fn: Callable[..., Any], update: Callable[..., Any], mesh:
 
 def make_mesh(devices: Sequence[Any] | None = None, axis: str = "data") -> Any:
     """A 1-D JAX device mesh named ``axis`` (default: every device of every host); see
-    :func:`regnde.adapters.jax_distributed.make_mesh`."""
+    :func:`regnde.adapters.jax.distributed.make_mesh`."""
     return helpers(None, "make_mesh", "make_mesh").make_mesh(devices, axis)
 
 
 def shard_batch(batch: Any, mesh: Any, axis: str = "data") -> Any:
     """A JAX batch placed on ``mesh``, split along ``axis`` (checked with
-    :func:`check_batch`); see :func:`regnde.adapters.jax_distributed.shard_batch`."""
+    :func:`check_batch`); see :func:`regnde.adapters.jax.distributed.shard_batch`."""
     return helpers(None, "shard_batch", "shard_batch").shard_batch(batch, mesh, axis)

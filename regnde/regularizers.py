@@ -543,7 +543,7 @@ class TaylorDerivative(Integral):
     Args:
         order: ``K >= 1`` (an int). ``K = 1`` is twice :class:`KineticEnergy`.
         mode: ``"taylor"`` (Taylor mode, cost ``O(K^2)``; on torch, operations without a rule
-            fall back to nested jvp with a warning, see ``regnde.adapters.torch_taylor``) or
+            fall back to nested jvp with a warning, see ``regnde.adapters.torch.taylor``) or
             ``"jvp"`` (nested first-order forward mode on the whole field, cost ``O(2^K)``; a
             reference). Same value.
     """

@@ -6,8 +6,11 @@ drop-in's error message); plugins' hooks are called through pluggy's hook regist
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
 import sys
+import textwrap
 import types
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ CORE = sorted([*ROOT.glob("regnde/*.py"), *ROOT.glob("regnde/plugins/*.py")])
 #: Core files allowed to name a backend, and why.
 EXEMPT = {
     # the documented public import path of diffrax's drop-in (regnde.diffrax.Regularized): a
-    # lazy shim over regnde.adapters.diffrax_dropin, a backend's own module by nature
+    # lazy shim over regnde.adapters.jax.diffrax_dropin, a backend's own module by nature
     "regnde/diffrax.py",
 }
 
@@ -76,7 +79,7 @@ def _backend_names_in(source: str) -> list[str]:
     names = {b.backend for b in BUILTIN.values()}
     hits = []
     for line, text in _words(ast.parse(source)):
-        # a name as a word: "regnde.adapters.diffrax", "torchdiffeq_backend", "torchsde" hit;
+        # a name as a word: "regnde.adapters.jax.diffrax", "torchdiffeq_backend", "torchsde" hit;
         # "torch" or "jax" (frameworks, not backends) do not
         if set(re.split(r"[^A-Za-z0-9]+", text)) & names:
             hits.append(f"line {line}: {text!r}")
@@ -86,7 +89,7 @@ def _backend_names_in(source: str) -> list[str]:
 def test_the_scan_finds_backend_names_outside_docstrings() -> None:
     source = '''
 """Module docstring naming torchdiffeq is fine."""
-import regnde.adapters.torchsde
+import regnde.adapters.torch.torchsde
 X = "diffrax"  # a comment naming torchdiffeq is fine
 
 
@@ -97,7 +100,7 @@ def f(torchdiffeq_backend):
     hits = _backend_names_in(source)
     assert len(hits) == 4, hits
     assert {h.split(": ", 1)[1] for h in hits} == {
-        "'regnde.adapters.torchsde'", "'diffrax'", "'torchdiffeq_backend'"}
+        "'regnde.adapters.torch.torchsde'", "'diffrax'", "'torchdiffeq_backend'"}
 
 
 def test_the_exemptions_are_core_files() -> None:
@@ -265,8 +268,8 @@ def fake_distributed(monkeypatch: pytest.MonkeyPatch, registry: Registry) -> lis
 
 
 def test_distributed_helpers_are_a_backend_capability(fake_distributed: list[Any]) -> None:
-    assert D.helper_modules() == {"torch": "regnde.adapters.torch_distributed",
-                                  "jax": "regnde.adapters.jax_distributed",
+    assert D.helper_modules() == {"torch": "regnde.adapters.torch.distributed",
+                                  "jax": "regnde.adapters.jax.distributed",
                                   "numpy": "fakedist"}
     got = D.reduce_stats(regnde.Stats(nfe=3), loss=np.float64(0.5), framework="numpy", tag=1)
     assert got.world_size == 2 and got.loss == 0.5 and got.stats.nfe == 3.0
@@ -288,7 +291,7 @@ def test_framework_none_keeps_torch_first(fake_distributed: list[Any]) -> None:
 
 
 def test_rank_key_infers_the_backend_from_the_key(fake_distributed: list[Any]) -> None:
-    from regnde.adapters.torch_keys import TorchKey
+    from regnde.adapters.torch.keys import TorchKey
 
     key = D.rank_key(np.random.default_rng(1), 3)  # a numpy generator: the numpy backend's
     assert isinstance(key, FakeKey) and key.path == (3,)
@@ -344,3 +347,95 @@ def test_a_hook_without_hookimpl_is_reported(registry: Registry) -> None:
     registry.load()
     assert "without @regnde.hookimpl" in registry.failures["undecorated"]
     assert regnde.solve(MLP(), y0_for(), times(1)).trace.n_steps > 0  # nothing else breaks
+
+
+# -- the adapters' layout: each backend module imports with only its own suite installed ---------
+JAX_FAMILY = ("jax", "jaxlib", "diffrax", "equinox", "optimistix", "lineax")
+TORCH_COMMON = ("keys", "scope", "augment", "taylor", "dropin", "distributed")
+
+
+@pytest.mark.parametrize(("modules", "blocked"), [
+    (["regnde.adapters.torch.torchdiffeq"], ("torchsde", "torchode", *JAX_FAMILY)),
+    (["regnde.adapters.torch.torchsde"], ("torchdiffeq", "torchode", *JAX_FAMILY)),
+    (["regnde.adapters.torch.torchode"], ("torchdiffeq", "torchsde", *JAX_FAMILY)),
+    ([f"regnde.adapters.torch.{m}" for m in TORCH_COMMON],
+     ("torchdiffeq", "torchsde", "torchode", *JAX_FAMILY)),
+    ([f"regnde.adapters.jax.{m}" for m in
+      ("common", "diffrax", "diffrax_sde", "diffrax_dropin", "augment", "distributed")],
+     ("torch", "torchdiffeq", "torchsde", "torchode")),
+], ids=["torchdiffeq", "torchsde", "torchode", "torch-common", "jax"])
+def test_each_adapter_imports_with_only_its_own_suite(modules: list[str],
+                                                      blocked: tuple[str, ...]) -> None:
+    """In a fresh interpreter whose import system refuses the other suites (as if they were not
+    installed), the adapter modules import, and none of the refused modules was asked for."""
+    code = textwrap.dedent(f"""
+        import importlib, sys
+        BLOCKED = {blocked!r}
+        asked = []
+        class _Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    asked.append(name)
+                    raise ModuleNotFoundError(f"No module named {{name!r}}")
+                return None
+        sys.meta_path.insert(0, _Block())
+        for m in {modules!r}:
+            importlib.import_module(m)
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        assert not loaded and not asked, (loaded, asked)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+
+
+def _adapter_imports() -> dict[str, set[str]]:
+    """Module -> the regnde.adapters modules it imports (anywhere in it, lazy imports too)."""
+    base = ROOT / "regnde" / "adapters"
+    names = {}
+    for path in base.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        deps = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                raise AssertionError(f"{name}: relative import")
+            targets = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                       [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.ImportFrom):  # from pkg import submodule
+                targets += [f"{node.module}.{a.name}" for a in node.names]
+            deps.update(t for t in targets if t in names and t != name)
+    return graph
+
+
+def test_the_adapters_import_graph_is_acyclic() -> None:
+    graph = _adapter_imports()
+    assert "regnde.adapters.jax.common" in graph["regnde.adapters.jax.diffrax_sde"]
+    assert "regnde.adapters.jax.diffrax_sde" in graph["regnde.adapters.jax.diffrax"]  # lazily
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = [*path[path.index(dep):], dep] if dep in path else [node, dep]
+                raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+@pytest.mark.parametrize("package", ["torch", "jax"])
+def test_the_framework_packages_are_light(package: str) -> None:
+    """``regnde.adapters.torch`` / ``.jax`` import nothing: importing one backend module never
+    pulls in another suite through its package."""
+    tree = ast.parse((ROOT / "regnde" / "adapters" / package / "__init__.py").read_text())
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+               and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+    assert not imports

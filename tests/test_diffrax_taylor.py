@@ -18,7 +18,7 @@ jax.config.update("jax_enable_x64", True)
 
 import regnde  # noqa: E402
 from regnde import regularizers as R  # noqa: E402
-from regnde.adapters.jax_augment import (  # noqa: E402
+from regnde.adapters.jax.augment import (  # noqa: E402
     JaxPoint,
     TaylorModeError,
     jvp_derivatives,

@@ -54,7 +54,7 @@ def test_unknown_backend_lists_valid_ones() -> None:
 def test_unknown_backend_of_a_known_suite_says_how_to_install() -> None:
     from regnde.plugins import DEFAULT_PLUGINS, set_registry
 
-    without_jax = tuple(p for p in DEFAULT_PLUGINS if p != "regnde.adapters.diffrax")
+    without_jax = tuple(p for p in DEFAULT_PLUGINS if p != "regnde.adapters.jax.diffrax")
     old = set_registry(Registry(builtins=without_jax, autoload=False))
     try:
         with pytest.raises(ValueError,

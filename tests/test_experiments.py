@@ -239,8 +239,8 @@ def test_selection_compares_with_the_vanilla_run():
 
 def test_sweep_lam_scales_every_coefficient():
     assert specs.sweep_lam("global-error", "2.5:1.0") == "0.25:0.1,2.5:1,25:10"
-    assert specs.sweep_lam("global-error+rnode", "cos:1:2+0.01") == ("cos:0.1:0.2+0.001,cos:1:2+0.01,"
-                                                      "cos:10:20+0.1")
+    assert specs.sweep_lam("global-error+rnode", "cos:1:2+0.01") == (
+        "cos:0.1:0.2+0.001,cos:1:2+0.01,cos:10:20+0.1")
     assert specs.sweep_lam("none", "1") == "0"
     assert specs.sweep_lam("steer", "0.5") == "0.1,0.5,0.9"  # a fraction in (0, 1)
     with pytest.raises(ValueError, match="NFE target"):

@@ -159,7 +159,7 @@ def test_the_step_checks_the_batch_itself() -> None:
 
 
 def test_shard_key_is_the_rank_key_folded_with_the_step() -> None:
-    from regnde.adapters import jax_distributed as J
+    from regnde.adapters.jax import distributed as J
 
     mesh = D.make_mesh(jax.devices()[:1])
     draw = jax.jit(jax.shard_map(
@@ -173,7 +173,7 @@ def test_shard_key_is_the_rank_key_folded_with_the_step() -> None:
 
 def test_single_process_helpers() -> None:
     import regnde
-    from regnde.adapters import jax_distributed as J
+    from regnde.adapters.jax import distributed as J
 
     got = D.reduce_stats(regnde.Stats(nfe=14, nfe_reg=7, n_steps=2, n_rejected=1),
                          loss=jnp.asarray(0.25), framework="jax")

@@ -54,7 +54,7 @@ def test_builtins_load_and_are_listed(registry: Registry) -> None:
     assert registry.failures == {}
     # built-ins are plugins like any other, named by their module
     assert registry.entry("method", "dopri5").plugin == "regnde.solvers"
-    assert registry.entry("backend", "torchdiffeq").plugin == "regnde.adapters.torchdiffeq"
+    assert registry.entry("backend", "torchdiffeq").plugin == "regnde.adapters.torch.torchdiffeq"
 
 
 def test_unknown_backend_for_methods_lists_backends() -> None:

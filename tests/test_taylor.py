@@ -13,13 +13,13 @@ from torchdiffeq._impl.interp import _interp_evaluate, _interp_fit
 
 import regnde
 from regnde import regularizers as R
-from regnde.adapters.torch_taylor import (
+from regnde.adapters.torch.taylor import (
     TaylorFallbackWarning,
     TaylorModeError,
     jvp_derivatives,
     taylor_derivatives,
 )
-from regnde.adapters.torchdiffeq import TorchdiffeqBackend, TorchKey
+from regnde.adapters.torch.torchdiffeq import TorchdiffeqBackend, TorchKey
 from regnde.plugins.manager import registry
 from regnde.solvers import DOPRI5
 

@@ -10,7 +10,7 @@ torchode = pytest.importorskip("torchode")
 
 import regnde  # noqa: E402
 from regnde import regularizers as R  # noqa: E402
-from regnde.adapters import torchode as adapter  # noqa: E402
+from regnde.adapters.torch import torchode as adapter  # noqa: E402
 from regnde.errors import MaxStepsExceeded  # noqa: E402
 
 F64 = torch.float64

@@ -11,7 +11,7 @@ from torchsde._core import adaptive_stepping, base_sde
 
 import regnde
 from regnde import regularizers as R
-from regnde.adapters import torchsde as adapter
+from regnde.adapters.torch import torchsde as adapter
 
 F64 = torch.float64
 TOL = {"rtol": 1e-3, "atol": 1e-3}

@@ -36,12 +36,12 @@ class Builtin(NamedTuple):
 #: Built-in adapter modules, registered in this order (so on a tie for the default backend of a
 #: framework the earlier one wins), -> what the core needs to know about each.
 BUILTIN: dict[str, Builtin] = {
-    "regnde.adapters.torchdiffeq": Builtin(
+    "regnde.adapters.torch.torchdiffeq": Builtin(
         "torchdiffeq", "torch", "torchdiffeq.odeint / odeint_adjoint / odeint_event calls"),
-    "regnde.adapters.torchsde": Builtin(
+    "regnde.adapters.torch.torchsde": Builtin(
         "torchsde", "torchsde", "torchsde.sdeint / sdeint_adjoint calls"),
-    "regnde.adapters.diffrax": Builtin("diffrax", "jax"),
-    "regnde.adapters.torchode": Builtin("torchode", "torchode"),
+    "regnde.adapters.jax.diffrax": Builtin("diffrax", "jax"),
+    "regnde.adapters.torch.torchode": Builtin("torchode", "torchode"),
 }
 
 

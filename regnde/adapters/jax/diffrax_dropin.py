@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from diffrax._term import WrapTerm  # diffrax's own direction wrapper (pinned 0.7.2)
 
-from regnde.adapters.diffrax import ForwardingSolver, make_key, scaled_error
+from regnde.adapters.jax.common import ForwardingSolver, make_key, scaled_error
 from regnde.regularizers import GlobalError, LocalError, as_regularizer
 from regnde.samplers import Unbiased
 

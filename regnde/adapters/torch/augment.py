@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from regnde.adapters.torch_taylor import jvp_derivatives, taylor_derivatives
+from regnde.adapters.torch.taylor import jvp_derivatives, taylor_derivatives
 
 CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
 

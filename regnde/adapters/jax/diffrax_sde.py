@@ -9,7 +9,7 @@ callables, e.g. an equinox module) runs ``diffrax.diffeqsolve`` on
 with ``HalfSolver(<method's solver>)`` and a ``PIDController``: every step is compared with two
 half steps on the same Brownian path (diffrax's own step doubling), and the controller scales
 ``|y_half - y_full|`` as it scales any error (``norm(err / (atol + rtol * max(|y0|, |y1|)))``).
-The same :class:`regnde.adapters.diffrax.RecordingSolver` as for ODEs wraps the ``HalfSolver``
+The same :class:`regnde.adapters.jax.common.RecordingSolver` as for ODEs wraps the ``HalfSolver``
 and records the accepted steps, so ``trace.error`` is exactly the controller's number and
 differentiable with ``sensitivity="direct"``; ``trace.stiffness`` is ``None``.
 
@@ -42,12 +42,13 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 
-from regnde.adapters.diffrax import (
+from regnde.adapters.jax.common import (
     CONTROLLER_OPTIONS,
     CapturedStates,
     JaxKey,
     RecordingSolver,
     _attach_errors,
+    _check_f,
     _check_result_eager,
     _check_y,
     _stop,
@@ -423,8 +424,6 @@ def solve_sde(r: SolveRequest) -> Solution:
             1 <= capacity <= r.max_steps):
         raise ValueError(f"trace_capacity must be an int in [1, max_steps={r.max_steps}], got "
                          f"{capacity!r}.")
-    from regnde.adapters.diffrax import _check_f
-
     _check_f(sde.f, t[0], r.y0)
     shape = brownian_shape(sde, t[0], r.y0)
     bm = other.get("bm")
@@ -440,7 +439,7 @@ def solve_sde(r: SolveRequest) -> Solution:
                         traced=traced)
     out = _solve_sde_jit(sde, r.y0, t, key.key, bm, static)
     if not traced:
-        _check_result_eager(out, static)  # type: ignore[arg-type]
+        _check_result_eager(out, static)
     trace = Trace(**out["trace"])
     check_value(out["reg"], r.regularizer, trace, traced)
     return solution(out["ys"], trace, Stats(**out["stats"]), out["reg"])
@@ -554,8 +553,6 @@ def step_sde(r: StepRequest) -> StepResult:
     if is_concrete(dt) and not bool(dt > 0):
         raise ValueError(f"SDEs on diffrax step forward in time only: dt must be > 0, got "
                          f"{float(dt)}.")
-    from regnde.adapters.diffrax import _check_f
-
     _check_f(sde.f, t0, y)
     shape = brownian_shape(sde, t0, y)
     _check_bm(bm, shape)

@@ -75,9 +75,9 @@ from torchsde._core import adaptive_stepping, base_sde, interp
 from torchsde.settings import LEVY_AREA_APPROXIMATIONS, METHODS, NOISE_TYPES, SDE_TYPES
 
 from regnde.adapters import builtin
-from regnde.adapters.torch_dropin import Block, register_scope
-from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
-from regnde.adapters.torch_scope import RecordingScope, called_from
+from regnde.adapters.torch.dropin import Block, register_scope
+from regnde.adapters.torch.keys import TorchKey, check_field_output, make_key
+from regnde.adapters.torch.scope import RecordingScope, called_from
 from regnde.backend import Backend, SolveRequest, StepRequest
 from regnde.engine import Plan, keeps_states, regularize, solution
 from regnde.errors import (
@@ -700,7 +700,7 @@ class TorchsdeBackend(Backend):
     default_method = None
     default_for = ("sde",)
     install_hint = builtin(__name__).install
-    distributed = "regnde.adapters.torch_distributed"
+    distributed = "regnde.adapters.torch.distributed"
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return dict.fromkeys(METHOD_NAMES)

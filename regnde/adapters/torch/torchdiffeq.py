@@ -17,7 +17,7 @@ by cubic Hermite between steps (or by the tableau's ``mid`` weights, if given).
 
 Integral regularizers (``TaylorDerivative``, ``KineticEnergy``, ``JacobianFrobenius``): the
 solve runs torchdiffeq on the tuple state ``(y, r)`` with
-:class:`regnde.adapters.torch_augment.AugmentedField` and the ``norm`` option set to the plain
+:class:`regnde.adapters.torch.augment.AugmentedField` and the ``norm`` option set to the plain
 problem's norm of ``y`` alone, so the steps, errors and ``ys`` are bit for bit those of the plain
 solve; the recorder keeps the ``y`` part of states and stages, runs local steps on the plain
 field, and evaluates the regularizer once ``r(t1)`` is known (after ``odeint_adjoint`` returns,
@@ -48,9 +48,9 @@ from torchdiffeq._impl.rk_common import (
 )
 
 from regnde.adapters import builtin
-from regnde.adapters.torch_dropin import Block, register_scope
-from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
-from regnde.adapters.torch_scope import RecordingScope, called_from
+from regnde.adapters.torch.dropin import Block, register_scope
+from regnde.adapters.torch.keys import TorchKey, check_field_output, make_key
+from regnde.adapters.torch.scope import RecordingScope, called_from
 from regnde.backend import Backend, SolveRequest, StepRequest
 from regnde.engine import Plan, keeps_states, regularize, solution
 from regnde.errors import (
@@ -697,7 +697,7 @@ class TorchdiffeqBackend(Backend):
     augments = True
     default_for = ("ode",)
     install_hint = builtin(__name__).install
-    distributed = "regnde.adapters.torch_distributed"
+    distributed = "regnde.adapters.torch.distributed"
 
     @functools.cached_property
     def _native(self) -> Mapping[str, Tableau | None]:
@@ -803,7 +803,7 @@ def _augment(r: SolveRequest, key: TorchKey, options: dict[str, Any]
              ) -> tuple[Any, tuple[torch.Tensor, torch.Tensor], Any, Layout]:
     """The augmented problem ``(y, r)`` for integral regularizers; sets ``options["norm"]`` to
     the plain problem's norm on ``y`` alone, so the steps are those of the plain solve."""
-    from regnde.adapters.torch_augment import AugmentedField
+    from regnde.adapters.torch.augment import AugmentedField
 
     integrands = r.regularizer.integrands(key, r.y0)
     sign = 1.0 if bool(r.t[-1] > r.t[0]) else -1.0

@@ -2,7 +2,7 @@
 unchanged ``torchdiffeq.odeint`` / ``odeint_adjoint`` / ``odeint_event`` and
 ``torchsde.sdeint`` / ``sdeint_adjoint`` calls.
 
-Each torch adapter registers its :class:`regnde.adapters.torch_scope.RecordingScope` here when
+Each torch adapter registers its :class:`regnde.adapters.torch.scope.RecordingScope` here when
 it is imported (:func:`register_scope`); a block opens every registered scope, so the solver
 classes of every installed host library record while it is open. A solver constructed inside
 the block asks the block for a recorder, and the block asks the solver back
@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from regnde.adapters.torch_keys import make_key
-from regnde.adapters.torch_scope import RecordingScope
+from regnde.adapters.torch.keys import make_key
+from regnde.adapters.torch.scope import RecordingScope
 from regnde.errors import dropin_no_solve
 from regnde.trace import Stats, Trace
 

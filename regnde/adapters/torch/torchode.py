@@ -37,7 +37,7 @@ from torchode.single_step_methods.runge_kutta import ERKState
 
 from regnde import errors
 from regnde.adapters import builtin
-from regnde.adapters.torch_keys import TorchKey, check_field_output, make_key
+from regnde.adapters.torch.keys import TorchKey, check_field_output, make_key
 from regnde.backend import Backend, SolveRequest, StepRequest
 from regnde.engine import Plan, regularize, solution
 from regnde.plugins.hookspecs import hookimpl
@@ -334,7 +334,7 @@ class TorchodeBackend(Backend):
     runs_tableaus = False
     per_sample_steps = True
     install_hint = builtin(__name__).install
-    distributed = "regnde.adapters.torch_distributed"
+    distributed = "regnde.adapters.torch.distributed"
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return {name: native_tableau(name) for name in METHODS}
