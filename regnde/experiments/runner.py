@@ -26,6 +26,7 @@ import math
 import platform
 import re
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -385,11 +386,8 @@ def _slug(lam: str) -> str:
 
 def _median_seconds(history: list[dict[str, Any]]) -> float | None:
     """Median seconds per training iteration, the first (warm-up, JAX compile) left out."""
-    seconds = sorted(h["seconds"] for h in history[1:]) or [h["seconds"] for h in history]
-    if not seconds:
-        return None
-    n = len(seconds)
-    return seconds[n // 2] if n % 2 else 0.5 * (seconds[n // 2 - 1] + seconds[n // 2])
+    seconds = [h["seconds"] for h in history[1:]] or [h["seconds"] for h in history]
+    return statistics.median(seconds) if seconds else None
 
 
 def _tail_mean(history: list[dict[str, Any]], key: str, n: int = 10) -> float:
