@@ -4,8 +4,8 @@
 #   benchmarks/budget.sh                      digits-node, budgets 44 and 62 (0.5x and 0.7x of
 #                                             vanilla's final evaluation NFE, 88.7)
 #   benchmarks/budget.sh mnist1d-node 41 58   mnist1d-node, 0.5x and 0.7x of vanilla's 82.2
-# Results: benchmarks/results/budget/<experiment>/, tables <experiment>-budget<N>.md, plot
-# <experiment>-lambda.png (lambda and training NFE per iteration).
+# Results: benchmarks/results/budget/<experiment>/; `regnde report` writes the table
+# <experiment>.md and the plot <experiment>-budget.png (lambda and training NFE per iteration).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 experiment=${1:-digits-node}
@@ -20,10 +20,7 @@ start=$SECONDS
 for seed in 0 1 2; do
     run "$low" "$seed" & run "$high" "$seed" & wait
 done
-for b in "$low" "$high"; do
-    python -m regnde report "$out/$experiment/budget$b" --out "$out/$experiment-budget$b.md"
-done
 echo "budget runs took $((SECONDS - start)) s"
-lambda=$out/lambda.png
-[ "$experiment" = digits-node ] || lambda=$out/$experiment-lambda.png
-python benchmarks/plot_budget.py "$out/$experiment" --out "$lambda"
+vanilla=benchmarks/results/experiments/$experiment/none  # the NFE ratio's reference, if run
+[ -d "$vanilla" ] || vanilla=
+python -m regnde report "$out/$experiment" $vanilla --out "$out/$experiment.md"

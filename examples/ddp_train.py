@@ -6,6 +6,8 @@
 Each rank solves its shard of the batch with its own key (``rank_key(seed, rank).fold(step)``:
 its own sampled time for local regularizers, reproducible for a seed and world size); DDP
 averages the gradients; rank 0 logs the loss, regularizer and NFE averaged over ranks.
+``--nfe-budget N`` chooses the coefficient online (``regnde.schedules.NFEBudget``) from the NFE
+averaged over ranks (``reduce=D.mean_across_ranks``), so every rank uses the same one.
 ``--dropin`` runs the unchanged ``torchdiffeq.odeint`` call inside ``regnde.regularize`` in the
 DDP module's forward instead of ``regnde.solve``. gloo on CPU, nccl on GPU (``--device``).
 See docs/distributed.md.
@@ -26,6 +28,7 @@ import regnde
 from regnde import distributed as D
 from regnde import regularizers as R
 from regnde.adapters.torch.distributed import NotLaunchedError
+from regnde.schedules import NFEBudget
 
 #: ``--regularizer`` choices.
 REGULARIZERS: dict[str, Any] = {
@@ -106,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256, help="global batch (all ranks)")
     p.add_argument("--regularizer", choices=sorted(REGULARIZERS), default="local-error")
     p.add_argument("--lam", type=float, default=0.1, help="regularization weight")
+    p.add_argument("--nfe-budget", type=float, default=None, metavar="N",
+                   help="choose the weight online so that the solves settle at N evaluations "
+                        "(NFEBudget; replaces --lam)")
     p.add_argument("--dropin", action="store_true",
                    help="torchdiffeq.odeint inside regnde.regularize instead of regnde.solve")
     p.add_argument("--adjoint", action="store_true",
@@ -129,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dropin and args.regularizer == "none":
         p.error("--dropin needs a regularizer (it runs the solve inside regnde.regularize)")
+    if args.nfe_budget is not None and args.regularizer == "none":
+        p.error("--nfe-budget needs a regularizer to weigh")
     if args.steps < 1:
         p.error(f"--steps must be positive, got {args.steps}")
     return args
@@ -152,21 +160,26 @@ def train_in(ctx: Any, args: argparse.Namespace) -> None:
         print(f"{ctx.world_size} ranks ({ctx.backend}, {ctx.device}), "
               f"{x.shape[0]} samples each, regularizer {args.regularizer}"
               f"{' (drop-in)' if args.dropin else ''}", flush=True)
+    budget = (None if args.nfe_budget is None
+              else NFEBudget(args.nfe_budget, reduce=D.mean_across_ranks))
     history = []
     for step in range(args.steps):
+        lam = args.lam if budget is None else budget(step)
         if step == args.fail_step and ctx.rank == args.fail_rank:
             raise RuntimeError(f"rank {ctx.rank}: injected failure at step {step}")
         if step == args.fail_step and ctx.rank == args.stall_rank:
             time.sleep(10 * args.timeout)  # a hung rank: the others time out
         start = time.perf_counter()
         key = D.rank_key(args.seed, ctx.rank).fold(step)
-        objective, loss, reg, stats = loss_of(model, x, target, key, args.lam)
+        objective, loss, reg, stats = loss_of(model, x, target, key, lam)
         opt.zero_grad()
         objective.backward()  # DDP: gradients averaged over ranks here
         opt.step()
         log = D.reduce_stats(stats, loss=loss, reg=reg)
+        if budget is not None:
+            budget.update(stats.nfe)  # a collective: the mean over ranks decides the next lam
         history.append({"loss": log.loss, "reg": log.reg, "nfe": log.stats.nfe,
-                        "nfe_reg": log.stats.nfe_reg, "nfe_max": log.stats_max.nfe})
+                        "nfe_reg": log.stats.nfe_reg, "nfe_max": log.stats_max.nfe, "lam": lam})
         if ctx.is_main:
             print(f"step {step:3d}  {log}  {time.perf_counter() - start:.2f}s", flush=True)
     if ctx.is_main and args.save:

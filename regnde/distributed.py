@@ -12,6 +12,8 @@ first use; a third-party backend that declares one gets all of this too.
   is an error (data-parallel gradients are the mean over equal shards).
 - :func:`reduce_stats`: loss, regularizer value and :class:`regnde.Stats` of one training step,
   averaged (and maximised) over ranks for logging.
+- :func:`mean_across_ranks`: one scalar averaged over ranks (an NFE budget's ``reduce``, so
+  that every rank uses the same coefficient).
 
 Typical torch loop (``torchrun --nproc_per_node=2 train.py``)::
 
@@ -266,6 +268,27 @@ def reduce_stats(
     else:
         sums, maxs, world = all_reduce(values)
     return reduced([n for n, _ in given], sums, maxs, world)
+
+
+def mean_across_ranks(value: Any, *, framework: str | None = None,
+                      all_reduce: AllReduce | None = None, **options: Any) -> float:
+    """The mean of one scalar over all ranks, the same float on every rank (a collective).
+
+    Made for :class:`regnde.schedules.NFEBudget`'s ``reduce``: with
+    ``NFEBudget(40, reduce=D.mean_across_ranks)`` every rank feeds its own NFE to ``update`` and
+    every rank gets the same coefficient, chosen from the NFE averaged over ranks. Outside a
+    process group: ``value`` itself. ``framework``, ``all_reduce`` and ``options`` as in
+    :func:`reduce_stats`."""
+    x = _scalar(value)
+    if all_reduce is None:
+        if framework is None:
+            fw = framework_of(value)
+            framework = fw if fw in helper_modules() else None
+        module = helpers(framework, "all_reduce_sum_max", "mean_across_ranks")
+        sums, _, world = module.all_reduce_sum_max([x], **options)
+    else:
+        sums, _, world = all_reduce([x])
+    return float(sums[0]) / int(world)
 
 
 def reduced(names: Sequence[str], sums: Sequence[float], maxs: Sequence[float],

@@ -103,9 +103,10 @@ class NFEBudget:
         windup: bound on the integral term (anti-windup), in units of log NFE.
         lam_max, lam_min: ``lam`` is clipped to ``lam_max``; below ``lam_min`` it is 0.
         warmup: iterations measured for ``target_ratio``.
-        reduce: a function that averages a float across data-parallel ranks (all ranks then
-            use the same ``lam``), e.g. :func:`regnde.distributed.mean_across_ranks`-style
-            helpers of the torch/JAX adapters; ``None`` on a single process.
+        reduce: a function that averages a float across data-parallel ranks, so that all
+            ranks use the same ``lam``: :func:`regnde.distributed.mean_across_ranks` (torch
+            DDP, multi-host JAX); ``None`` on a single process or where the caller feeds an
+            NFE that is already averaged.
         floor_nfe: the least NFE the method can reach (e.g. :func:`floor_nfe`); a target below
             it warns once and the controller aims at the floor instead.
     """

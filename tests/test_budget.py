@@ -210,6 +210,19 @@ def test_runner_nfe_budget_records_lambda_and_nfe_and_resumes(tmp_path):
     resumed = json.loads((tmp_path / "c" / "history.json").read_text())
     assert [h["lam"] for h in resumed] == [h["lam"] for h in history]
 
+    # `regnde report` plots the coefficient and the NFE per iteration of budget runs
+    assert main(["report", str(out), "--out", str(tmp_path / "r.md")]) == 0
+    assert (tmp_path / "r-budget.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_writes_no_budget_plot_without_budget_runs(tmp_path):
+    from regnde.experiments.cli import main
+
+    out = tmp_path / "plain"
+    assert main(["run", "toy-cubic", "--iters", "2", "--out", str(out), "--no-progress"]) == 0
+    assert main(["report", str(out), "--out", str(tmp_path / "r.md")]) == 0
+    assert (tmp_path / "r.png").exists() and not (tmp_path / "r-budget.png").exists()
+
 
 @pytest.mark.parametrize(("extra", "match"), [
     (["--nfe-budget", "0"], "target_nfe must be a finite number > 0"),

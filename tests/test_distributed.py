@@ -25,6 +25,7 @@ import torch
 import regnde
 from regnde import distributed as D
 from regnde.adapters.torch.torchdiffeq import TorchKey, make_key
+from regnde.schedules import NFEBudget
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "ddp_train.py"
@@ -79,16 +80,17 @@ def reference(argv: list[str], keys: Any = None) -> tuple[dict[str, torch.Tensor
     x, target = ex["make_data"](args.batch_size, args.seed + 1, getattr(torch, args.dtype))
     n = args.batch_size // WORLD
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    budget = None if args.nfe_budget is None else NFEBudget(args.nfe_budget)
     history = []
     for step in range(args.steps):
+        lam = args.lam if budget is None else budget(step)
         grads: list[list[torch.Tensor]] = []
         logged = []
         for r in range(WORLD):
             key = make_key(args.seed).fold(r).fold(step) if keys is None else keys(r, step)
             part = slice(r * n, (r + 1) * n)
             opt.zero_grad()
-            objective, loss, reg, stats = ex["loss_of"](model, x[part], target[part], key,
-                                                        args.lam)
+            objective, loss, reg, stats = ex["loss_of"](model, x[part], target[part], key, lam)
             objective.backward()
             grads.append([p.grad.clone() for p in model.parameters()])
             logged.append((loss.item(), None if reg is None else reg.item(), stats.nfe))
@@ -98,7 +100,9 @@ def reference(argv: list[str], keys: Any = None) -> tuple[dict[str, torch.Tensor
         regs = [v[1] for v in logged]
         history.append({"loss": sum(v[0] for v in logged) / WORLD,
                         "reg": None if regs[0] is None else sum(regs) / WORLD,
-                        "nfe": sum(v[2] for v in logged) / WORLD})
+                        "nfe": sum(v[2] for v in logged) / WORLD, "lam": lam})
+        if budget is not None:  # one coefficient for all ranks, from their mean NFE
+            budget.update(history[-1]["nfe"])
     return {k: v.detach() for k, v in model.func.state_dict().items()}, history
 
 
@@ -109,8 +113,9 @@ def reference(argv: list[str], keys: Any = None) -> tuple[dict[str, torch.Tensor
     ["--regularizer", "local-error", "--dropin"],
     ["--regularizer", "global-stiffness"],
     ["--regularizer", "local-stiffness", "--dropin", "--adjoint"],
+    ["--regularizer", "local-error", "--nfe-budget", "20", "--steps", "6"],
 ], ids=["none", "local-error", "local-error-dropin", "global-stiffness",
-        "local-stiffness-dropin-adjoint"])
+        "local-stiffness-dropin-adjoint", "local-error-nfe-budget"])
 def test_two_ranks_match_per_shard_reference(tmp_path: Path, extra: list[str]) -> None:
     out_file = tmp_path / "final.pt"
     rc, out, _ = torchrun([*COMMON, *extra, "--save", str(out_file)])
@@ -132,13 +137,18 @@ def test_two_ranks_match_per_shard_reference(tmp_path: Path, extra: list[str]) -
     for got, want in zip(saved["history"], history, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-9)
         assert got["nfe"] == want["nfe"] and got["nfe_max"] >= got["nfe"]
+        assert got["lam"] == pytest.approx(want["lam"], rel=1e-12)
         if want["reg"] is None:
             assert got["reg"] is None
         else:
             assert got["reg"] == pytest.approx(want["reg"], rel=1e-9)
             assert (got["nfe_reg"] > 0) == extra[1].startswith("local")  # the extra step
 
-    if extra[1] == "local-error":  # the comparison notices a rank that used the wrong key
+    if "--nfe-budget" in extra:  # the coefficient moved, the same on both ranks (else the
+        # parameters above would not match the one-coefficient reference)
+        assert len({h["lam"] for h in saved["history"]}) >= 3
+    if extra == ["--regularizer", "local-error"]:  # the comparison notices a rank that used
+        # the wrong key
         wrong, _ = reference(argv, keys=lambda r, step: make_key(COMMON_SEED).fold(step))
         assert any(not torch.allclose(saved["params"][k], wrong[k], rtol=1e-9, atol=1e-12)
                    for k in params)
@@ -290,3 +300,11 @@ def test_the_neutral_module_imports_no_framework() -> None:
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_mean_across_ranks_is_the_sum_over_the_world_size() -> None:
+    def two_ranks(values: Any) -> tuple[list[float], list[float], int]:  # the other has 30
+        return [v + 30.0 for v in values], [max(v, 30.0) for v in values], 2
+
+    assert D.mean_across_ranks(torch.tensor(20.0), all_reduce=two_ranks) == 25.0
+    assert D.mean_across_ranks(20, framework="torch") == 20.0  # no process group: itself

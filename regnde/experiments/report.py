@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from regnde.experiments import checkpoint
-from regnde.experiments.runner import RESULTS, RESULTS_FORMAT
+from regnde.experiments.runner import HISTORY, RESULTS, RESULTS_FORMAT
+
+#: Key added to each found result: the directory of its ``results.json`` (and history).
+RUN_DIR = "run_dir"
 
 
 def find_results(dirs: list[str | Path]) -> list[dict[str, Any]]:
     """Every ``results.json`` of a run in or under ``dirs`` (candidate subdirectories of a
-    coefficient sweep are part of their parent run and are skipped)."""
+    coefficient sweep are part of their parent run and are skipped), each with its directory
+    under :data:`RUN_DIR`."""
     found: dict[Path, dict[str, Any]] = {}
     for d in dirs:
         root = Path(d)
@@ -34,7 +38,7 @@ def find_results(dirs: list[str | Path]) -> list[dict[str, Any]]:
                 raise ValueError(f"report: {p} is not a results file ({exc}).") from None
             if isinstance(res, dict) and res.get("format") == RESULTS_FORMAT \
                     and res.get("kind") == "run":
-                found[p.resolve()] = res
+                found[p.resolve()] = {**res, RUN_DIR: str(p.parent)}
     if not found:
         raise ValueError(f"report: no {RESULTS} of a finished run under "
                          f"{', '.join(map(str, dirs))}.")
@@ -48,11 +52,18 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def method(r: dict[str, Any]) -> str:
+    """A table row's name: the regularizer, with its target where the coefficient was chosen
+    online (``local-error-unbiased (budget:40)``), so that two budgets make two rows."""
+    budget = _budget(str(r.get("lam", "")))
+    return r["regularizer"] if budget is None else f"{r['regularizer']} ({budget})"
+
+
 def group(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[dict]]]:
-    """``{(experiment, backend): {regularizer: [results of each seed]}}``."""
+    """``{(experiment, backend): {row name (:func:`method`): [results of each seed]}}``."""
     out: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
-        out[(r["experiment"], r["backend"])][r["regularizer"]].append(r)
+        out[(r["experiment"], r["backend"])][method(r)].append(r)
     return out
 
 
@@ -88,7 +99,7 @@ def markdown(results: list[dict[str, Any]], timing: list[dict[str, Any]] | None 
     ``timing``: runs made for timing alone (one seed per regularizer, one run at a time on a
     quiet machine, see ``benchmarks/experiments.py --timing``); where one exists for an
     experiment and regularizer, the time columns come from it, else from the table's runs."""
-    timed = {(r["experiment"], r["backend"], r["regularizer"]): r for r in timing or []}
+    timed = {(r["experiment"], r["backend"], method(r)): r for r in timing or []}
     lines = []
     for (experiment, backend), by_reg in sorted(group(results).items()):
         first = next(iter(by_reg.values()))[0]
@@ -238,12 +249,59 @@ def pareto_plot(results: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def _budget(lam: str) -> str | None:
+    """``"budget:N"`` / ``"ratio:R"`` when every term's coefficient is chosen online, else None."""
+    return lam if all(p.strip().startswith(("budget:", "ratio:")) for p in lam.split("+")) \
+        else None
+
+
+def budget_plot(results: list[dict[str, Any]], path: Path) -> bool:
+    """The NFE-budget runs (``regnde run --nfe-budget N`` / ``--nfe-ratio R``): per experiment
+    and target one column, the coefficient per iteration (top, log scale) and the training NFE
+    with its target (bottom), one line per seed, from each run's ``history.json``. ``False``
+    (nothing written) if no run chose its coefficient online."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        lam = _budget(str(r.get("lam", "")))
+        if lam is not None and RUN_DIR in r:
+            columns[(r["experiment"], r["regularizer"], lam)].append(r)
+    if not columns:
+        return False
+    fig = Figure(figsize=(5 * len(columns), 6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(columns), squeeze=False, sharex="col")
+    for col, ((experiment, reg, lam), rs) in enumerate(sorted(columns.items())):
+        top, bottom = axes[0][col], axes[1][col]
+        for r in sorted(rs, key=lambda r: r["seed"]):
+            history = json.loads((Path(r[RUN_DIR]) / HISTORY).read_text())
+            it = [h["iteration"] for h in history]
+            top.plot(it, [sum(h["lam"]) for h in history], lw=1, label=f"seed {r['seed']}")
+            bottom.plot(it, [h["nfe"] for h in history], lw=0.7, alpha=0.8)
+        if lam.startswith("budget:"):
+            bottom.axhline(float(lam.split("+")[0][7:]), color="k", ls="--", lw=1,
+                           label="target")
+            bottom.legend(fontsize=8)
+        top.set(title=f"{experiment}, {reg}\n{lam}", ylabel="coefficient")
+        top.set_yscale("symlog", linthresh=1e-3)
+        top.set_ylim(bottom=0)
+        bottom.set(xlabel="iteration", ylabel="training NFE")
+        top.legend(fontsize=8)
+    fig.tight_layout()
+    checkpoint.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100),
+                            binary=True)
+    return True
+
+
 def report(dirs: list[str | Path], out: Path | None = None, plot_path: Path | None = None,
            timing: list[str | Path] | None = None) -> str:
     """Markdown tables for the runs under ``dirs``; written to ``out`` if given, with the plot
     at ``plot_path`` (default: ``out`` with suffix ``.png``) and, where runs swept their
-    coefficient, the Pareto plot beside it (``<plot>-pareto.png``); ``timing``: directories
-    of timing runs (see :func:`markdown`)."""
+    coefficient, the Pareto plot beside it (``<plot>-pareto.png``), where runs chose their
+    coefficient online (NFE budgets), the coefficient and NFE per iteration
+    (``<plot>-budget.png``); ``timing``: directories of timing runs (see :func:`markdown`)."""
     results = find_results(dirs)
     text = markdown(results, find_results(timing) if timing else None)
     if out is not None:
@@ -253,4 +311,5 @@ def report(dirs: list[str | Path], out: Path | None = None, plot_path: Path | No
         plot(results, Path(plot_path))
         pareto = Path(plot_path).with_name(Path(plot_path).stem + "-pareto.png")
         pareto_plot(results, pareto)
+        budget_plot(results, Path(plot_path).with_name(Path(plot_path).stem + "-budget.png"))
     return text
