@@ -243,6 +243,7 @@ def test_sweep_lam_scales_every_coefficient():
         "cos:0.1:0.2+0.001,cos:1:2+0.01,cos:10:20+0.1")
     assert specs.sweep_lam("none", "1") == "0"
     assert specs.sweep_lam("steer", "0.5") == "0.1,0.5,0.9"  # a fraction in (0, 1)
+    assert specs.sweep_lam("global-error+steer", "2+0.5") == "0.2+0.1,2+0.5,20+0.9"
     with pytest.raises(ValueError, match="NFE target"):
         specs.sweep_lam("global-error", "budget:40")
     with pytest.raises(ValueError, match="already lists several"):

@@ -268,8 +268,10 @@ def default_lam(spec: str, defaults: dict[str, str]) -> str:
 
 #: The factors :func:`sweep_lam` applies to an experiment's default coefficient: two decades.
 SWEEP_FACTORS = (0.1, 1.0, 10.0)
-#: STEER's sweep: its coefficient is the half-width as a fraction of the last interval.
-STEER_SWEEP = "0.1,0.5,0.9"
+#: Families whose coefficient is not a weight to scale by decades: their sweep's candidates,
+#: as many as :data:`SWEEP_FACTORS`. STEER's coefficient is the half-width of the end time's
+#: interval as a fraction of the last interval, so it lies in (0, 1).
+FAMILY_SWEEPS: dict[str, tuple[str, ...]] = {"steer": ("0.1", "0.5", "0.9")}
 
 
 def scale_lam(lam: str, factor: float) -> str:
@@ -293,14 +295,23 @@ def scale_lam(lam: str, factor: float) -> str:
 
 
 def sweep_lam(spec: str, base_lam: str, factors: tuple[float, ...] = SWEEP_FACTORS) -> str:
-    """The comma-separated candidates of ``--sweep-lam``: ``base_lam`` (the experiment's
-    default for ``spec``, or the user's ``--lam``) times each of ``factors``."""
+    """The comma-separated candidates of ``--sweep-lam``, term by term: ``base_lam``'s
+    coefficient (the experiment's default for ``spec``, or the user's ``--lam``) times each of
+    ``factors``, or the family's own grid (:data:`FAMILY_SWEEPS`); the i-th candidate of a sum
+    takes every term's i-th value."""
     if spec == "none":
         return "0"
-    if all(t.family == "steer" for t in parse_regularizer(spec)):
-        return STEER_SWEEP  # a fraction of the last interval: (0, 1), not decades
     if "," in base_lam:
         raise ValueError(f"--sweep-lam builds the candidates from one coefficient; --lam "
                          f"{base_lam!r} already lists several. Pass one of them, or drop "
                          f"--sweep-lam to train exactly those.")
-    return ",".join(scale_lam(base_lam, f) for f in factors)
+    terms = parse_regularizer(spec)
+    per_term = []
+    for term, lam in zip(terms, coefficient_specs(base_lam, len(terms)), strict=True):
+        grid = FAMILY_SWEEPS.get(term.family)
+        if grid is not None and len(grid) != len(factors):
+            raise ValueError(f"the {term.family} family sweeps {len(grid)} values; pass "
+                             f"{len(grid)} factors, not {len(factors)}.")
+        per_term.append(list(grid) if grid is not None
+                        else [scale_lam(lam, f) for f in factors])
+    return ",".join("+".join(values) for values in zip(*per_term, strict=True))
