@@ -30,7 +30,6 @@ from typing import Any, ClassVar
 
 from array_api_compat import array_namespace
 
-from regnde.engine import check_value
 from regnde.errors import choices
 from regnde.plugins.hookspecs import hookimpl
 from regnde.samplers import Sampler, index_dtype, take
@@ -633,14 +632,6 @@ def as_regularizer(reg: Any) -> Regularizer:
         f"regularizer must be a regnde regularizer or a registered name, got {reg!r}; "
         f"for example regnde.regularizers.LocalError()."
     )
-
-
-def evaluate(reg: Regularizer, run: Any, key: Any, presampled: Presampled) -> Array:
-    """``reg.value(...)``, checked for NaN/Inf when values are concrete (eager mode); the
-    backends call :func:`regnde.engine.regularize`, which also counts evaluations."""
-    value = reg.value(run, key, presampled)
-    check_value(value, reg, run.trace)
-    return value
 
 
 @hookimpl

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import regnde
+from regnde import engine
 from regnde import regularizers as R
 from regnde import samplers as S
 from regnde.errors import NonFiniteError
@@ -286,9 +287,10 @@ def test_nan_regularizer_names_the_step():
     trace = _padded_trace(np.asarray)
     bad = Trace(t=trace.t, dt=trace.dt, mask=trace.mask, n_steps=4,
                 error=np.asarray([0.5, np.nan, 1.0, 0.5, 0.0, 0.0]))
-    run = types.SimpleNamespace(trace=bad, t0=0.0, t1=1.0)
+    run = types.SimpleNamespace(trace=bad, t0=0.0, t1=1.0, nfe=0)
+    plan = engine.Plan(R.GlobalError(), None, 0.0, 1.0)
     with pytest.raises(NonFiniteError, match=r"accepted step 1, t=0\.1"):
-        R.evaluate(R.GlobalError(), run, None, {})
+        engine.regularize(plan, run)
 
 
 def test_initial_dt_with_differentiable_first_stage_warns():
