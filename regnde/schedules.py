@@ -109,13 +109,16 @@ class NFEBudget:
             NFE that is already averaged.
         floor_nfe: the least NFE the method can reach (e.g. :func:`floor_nfe`); a target below
             it warns once and the controller aims at the floor instead.
+        patience: updates with ``lam`` pinned at ``lam_max`` while the NFE stays above target
+            after which the budget warns (once) that the regularizer cannot lower this solve's
+            NFE (a fixed-step method, a regularizer the step count does not depend on).
     """
 
     def __init__(self, target_nfe: float | None = None, *, target_ratio: float | None = None,
                  lam0: float = 0.1, kp: float = 1.0, ki: float = 0.2, beta: float = 0.7,
                  windup: float = 100.0, lam_max: float = 1e4, lam_min: float = 1e-4,
                  warmup: int = 5, reduce: Callable[[float], float] | None = None,
-                 floor_nfe: float | None = None):
+                 floor_nfe: float | None = None, patience: int = 20):
         if (target_nfe is None) == (target_ratio is None):
             raise ValueError(
                 "NFEBudget needs exactly one of target_nfe (an absolute number of function "
@@ -139,14 +142,16 @@ class NFEBudget:
                 raise ValueError(f"NFEBudget: {name} must be a finite number >= 0, got {v!r}.")
         if not 0 <= beta < 1:
             raise ValueError(f"NFEBudget: beta (smoothing) must be in [0, 1), got {beta!r}.")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"NFEBudget: warmup must be a positive int, got {warmup!r}.")
+        for name, n in (("warmup", warmup), ("patience", patience)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"NFEBudget: {name} must be a positive int, got {n!r}.")
         if floor_nfe is not None:
             _positive("floor_nfe", floor_nfe)
         self.target_nfe, self.target_ratio = target_nfe, target_ratio
         self.lam0, self.kp, self.ki, self.beta = lam0, kp, ki, beta
         self.windup, self.lam_max, self.lam_min = windup, lam_max, lam_min
         self.warmup, self.reduce, self.floor_nfe = warmup, reduce, floor_nfe
+        self.patience, self.pinned = patience, 0  # updates in a row at lam_max, above target
         self.value = 0.0 if target_ratio is not None else lam0
         self.smoothed: float | None = None  # m_k, smoothed log NFE
         self.integral = 0.0
@@ -198,6 +203,15 @@ class NFEBudget:
             if not ((lam < self.lam_min and e < 0) or (lam > self.lam_max and e > 0)):
                 self.integral = integral
             self.value = 0.0 if lam < self.lam_min else min(lam, self.lam_max)
+            self.pinned = self.pinned + 1 if (lam >= self.lam_max and e > 0) else 0
+            if self.pinned == self.patience:
+                warnings.warn(
+                    f"NFEBudget: lam has been at lam_max={self.lam_max:g} for {self.patience} "
+                    f"updates while the NFE ({nfe:g}) stays above the target ({target:g}): the "
+                    f"regularizer cannot lower this solve's NFE (a fixed-step method, or a "
+                    f"regularizer the number of steps does not depend on). Use an adaptive "
+                    f"method with an error regularizer (LocalError, GlobalError), or raise the "
+                    f"target.", UserWarning, stacklevel=2)
         self.history.append((nfe, self.value))
         return self.value
 
@@ -214,7 +228,8 @@ class NFEBudget:
     def state_dict(self) -> dict[str, Any]:
         """What :meth:`load_state_dict` needs to resume exactly (plain Python values)."""
         return {"value": self.value, "smoothed": self.smoothed, "integral": self.integral,
-                "start": list(self.start), "history": [list(h) for h in self.history]}
+                "start": list(self.start), "history": [list(h) for h in self.history],
+                "pinned": self.pinned}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value = float(state["value"])
@@ -222,6 +237,7 @@ class NFEBudget:
         self.integral = float(state["integral"])
         self.start = [float(x) for x in state["start"]]
         self.history = [(float(a), float(b)) for a, b in state["history"]]
+        self.pinned = int(state.get("pinned", 0))
 
     def __repr__(self) -> str:
         goal = (f"target_nfe={self.target_nfe}" if self.target_nfe is not None

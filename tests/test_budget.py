@@ -115,6 +115,27 @@ def test_a_target_below_the_methods_floor_warns_once_and_aims_at_the_floor():
         b.update(50)
 
 
+def test_a_regularizer_that_cannot_lower_the_nfe_warns_once_naming_the_fix():
+    """A solve whose NFE does not answer lam (fixed steps): lam climbs to lam_max, pins there,
+    and after ``patience`` updates the budget says why and what to do, once."""
+    b = NFEBudget(20, lam_max=10.0, patience=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(200):
+            b.update(50)
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and "cannot lower this solve's NFE" in msgs[0]
+    assert "adaptive method" in msgs[0] and "raise the target" in msgs[0]
+    assert b.value == 10.0
+    # a solve that does answer lam never pins long enough to warn
+    b = NFEBudget(20, lam_max=10.0, patience=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nfe = 50.0
+        for _ in range(200):
+            nfe = max(20.0, nfe - 0.5 * b.update(nfe))
+
+
 def test_a_ratio_of_one_or_more_warns():
     with pytest.warns(UserWarning, match="ratio below 1"):
         NFEBudget(target_ratio=1.2)
