@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torchsde._core import interp
 
+from regnde.adapters.torch.common import StepLog
 from regnde.adapters.torch.sde_step import step_result, with_error_gradient
 from regnde.errors import MaxStepsExceeded, max_steps_exceeded
 from regnde.tableau import Tableau
@@ -22,23 +23,17 @@ from regnde.trace import StepResult, Trace
 
 
 # -- recording ---------------------------------------------------------------------------------
-class Recorder:
+class Recorder(StepLog):
     """Collects one solve's accepted steps (in torchsde's own time, which increases)."""
 
     def __init__(self, solver: Any, *, max_steps: int | None, keep_states: bool, full: bool,
                  probes: Mapping[int, torch.Tensor], error_grad: bool = True):
+        super().__init__()
         self.solver, self.error_grad = solver, error_grad
         self.max_steps, self.keep_states, self.full = max_steps, keep_states, full
         self.probes = dict(probes)
-        self.captured: dict[int, torch.Tensor] = {}
-        self.ts: list[torch.Tensor] = []
-        self.dts: list[torch.Tensor] = []
-        self.ys: list[torch.Tensor] = []
-        self.errors: list[torch.Tensor] = []
         self.fulls: list[torch.Tensor] = []
         self.halves: list[torch.Tensor] = []
-        self.attempts = 0
-        self.rejected = 0
         self.y_end: torch.Tensor | None = None
         self.t_end: torch.Tensor | None = None
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torchdiffeq._impl.interp import _interp_evaluate
 
+from regnde.adapters.torch.common import StepLog
 from regnde.adapters.torch.keys import TorchKey
 from regnde.adapters.torch.td_tableau import Counting, rk_step, stiffness_ratio, td_misc
 from regnde.engine import Plan, keeps_states, regularize
@@ -66,7 +67,7 @@ class Layout:
         return k[: self.n].reshape(*self.shape, k.shape[-1])
 
 
-class Recorder:
+class Recorder(StepLog):
     """Collects one solve's accepted steps, then evaluates the regularizer on them.
 
     With a :class:`Layout` (an augmented solve) it records the ``y`` part only and, with
@@ -75,6 +76,7 @@ class Recorder:
     def __init__(self, solver: Any, *, regularizer: Any, key: TorchKey, sensitivity: str,
                  trace: str, max_steps: int | None, grad: bool, layout: Layout | None = None,
                  defer: bool = False, host_grads: bool = False):
+        super().__init__()
         self.solver = solver
         #: the drop-in keeps torchdiffeq's own arithmetic, step sizes' gradients included
         self.host_grads = host_grads
@@ -84,16 +86,9 @@ class Recorder:
         self.tab: Tableau = solver.regnde_tableau
         self.reversed = _is_reversed(self.counter.func)
         self.keep_states = keeps_states(regularizer, trace)
-        self.ts: list[torch.Tensor] = []
-        self.dts: list[torch.Tensor] = []
-        self.ys: list[torch.Tensor] = []
-        self.errors: list[torch.Tensor] = []
         self.stiff: list[torch.Tensor] = []
-        self.attempts = 0
-        self.rejected = 0
         self.plan: Plan | None = None
         self.probes: dict[int, torch.Tensor] = {}  # in solver time
-        self.captured: dict[int, torch.Tensor] = {}
         self.value: Any = None
         self.on_end: Callable[[Recorder], None] | None = None
         self.on_skip: Callable[[str, torch.Tensor], None] | None = None

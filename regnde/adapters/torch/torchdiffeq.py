@@ -38,6 +38,7 @@ import torch
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from regnde.adapters import builtin
+from regnde.adapters.torch.common import TorchBackend
 from regnde.adapters.torch.dropin import Block
 from regnde.adapters.torch.keys import TorchKey, make_key
 from regnde.adapters.torch.td_recorder import Layout, Recorder
@@ -55,7 +56,7 @@ from regnde.adapters.torch.td_tableau import (
     td_misc,
     td_odeint,
 )
-from regnde.backend import Backend, SolveRequest, StepRequest
+from regnde.backend import SolveRequest, StepRequest
 from regnde.engine import solution
 from regnde.plugins.hookspecs import hookimpl
 from regnde.tableau import Tableau
@@ -91,15 +92,13 @@ class _SolveContext:
 
 
 # -- the backend ---------------------------------------------------------------------------------
-class TorchdiffeqBackend(Backend):
+class TorchdiffeqBackend(TorchBackend):
     """``backend="torchdiffeq"``: ``odeint`` (direct) and ``odeint_adjoint`` (adjoint)."""
 
     name = "torchdiffeq"
-    framework = "torch"
     augments = True
     default_for = ("ode",)
     install_hint = builtin(__name__).install
-    distributed = "regnde.adapters.torch.distributed"
 
     @functools.cached_property
     def _native(self) -> Mapping[str, Tableau | None]:
@@ -110,12 +109,6 @@ class TorchdiffeqBackend(Backend):
 
     def aliases(self) -> Mapping[str, str]:
         return ALIASES
-
-    def owns(self, y0: Any) -> bool:
-        return isinstance(y0, torch.Tensor)
-
-    def make_key(self, key: Any) -> TorchKey:
-        return make_key(key)
 
     def td_method(self, method: str, tableau: Tableau | None) -> str:
         if method in NATIVE:

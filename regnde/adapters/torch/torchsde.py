@@ -67,8 +67,9 @@ from torchsde._core import base_sde
 from torchsde.settings import NOISE_TYPES
 
 from regnde.adapters import builtin
+from regnde.adapters.torch.common import TorchBackend
 from regnde.adapters.torch.dropin import Block
-from regnde.adapters.torch.keys import TorchKey, check_field_output, make_key
+from regnde.adapters.torch.keys import check_field_output, make_key
 from regnde.adapters.torch.sde_checks import (
     DEFAULT_DT,
     DEFAULT_DT_MIN,
@@ -91,7 +92,7 @@ from regnde.adapters.torch.sde_checks import (
 from regnde.adapters.torch.sde_recorder import Recorder, SdeRun
 from regnde.adapters.torch.sde_solvers import SCOPE
 from regnde.adapters.torch.sde_step import step_result
-from regnde.backend import Backend, SolveRequest, StepRequest
+from regnde.backend import SolveRequest, StepRequest
 from regnde.engine import Plan, regularize, solution
 from regnde.plugins.hookspecs import hookimpl
 from regnde.tableau import Tableau
@@ -151,17 +152,15 @@ class _SolveContext:
 
 
 # -- the backend -------------------------------------------------------------------------------
-class TorchsdeBackend(Backend):
+class TorchsdeBackend(TorchBackend):
     """``backend="torchsde"``: ``sdeint`` (direct) and ``sdeint_adjoint`` (adjoint)."""
 
     name = "torchsde"
-    framework = "torch"
     runs_tableaus = False
     sde = True
     default_method = None
     default_for = ("sde",)
     install_hint = builtin(__name__).install
-    distributed = "regnde.adapters.torch.distributed"
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return dict.fromkeys(METHOD_NAMES)
@@ -170,12 +169,6 @@ class TorchsdeBackend(Backend):
                    max_steps: int | None = None) -> Block:
         """The drop-in block (shared by the torch host libraries)."""
         return Block(regularizer, key=key, trace=trace, max_steps=max_steps)
-
-    def owns(self, y0: Any) -> bool:
-        return isinstance(y0, torch.Tensor)
-
-    def make_key(self, key: Any) -> TorchKey:
-        return make_key(key)
 
     def solve(self, request: SolveRequest) -> Solution:
         r = request
