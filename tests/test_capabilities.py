@@ -351,12 +351,20 @@ def test_a_hook_without_hookimpl_is_reported(registry: Registry) -> None:
 
 # -- the adapters' layout: each backend module imports with only its own suite installed ---------
 JAX_FAMILY = ("jax", "jaxlib", "diffrax", "equinox", "optimistix", "lineax")
-TORCH_COMMON = ("keys", "scope", "augment", "taylor", "dropin", "distributed")
+TORCH_COMMON = ("keys", "common", "scope", "augment", "taylor", "taylor_rules", "taylor_series",
+                "dropin", "distributed")
+#: Each torch backend's modules: its entry module (the plugin) first.
+TORCH_BACKENDS = {"torchdiffeq": ("torchdiffeq", "td_tableau", "td_recorder", "td_solvers"),
+                  "torchsde": ("torchsde", "sde_checks", "sde_step", "sde_recorder",
+                               "sde_solvers"),
+                  "torchode": ("torchode",)}
 
 
 @pytest.mark.parametrize(("modules", "blocked"), [
-    (["regnde.adapters.torch.torchdiffeq"], ("torchsde", "torchode", *JAX_FAMILY)),
-    (["regnde.adapters.torch.torchsde"], ("torchdiffeq", "torchode", *JAX_FAMILY)),
+    ([f"regnde.adapters.torch.{m}" for m in TORCH_BACKENDS["torchdiffeq"]],
+     ("torchsde", "torchode", *JAX_FAMILY)),
+    ([f"regnde.adapters.torch.{m}" for m in TORCH_BACKENDS["torchsde"]],
+     ("torchdiffeq", "torchode", *JAX_FAMILY)),
     (["regnde.adapters.torch.torchode"], ("torchdiffeq", "torchsde", *JAX_FAMILY)),
     ([f"regnde.adapters.torch.{m}" for m in TORCH_COMMON],
      ("torchdiffeq", "torchsde", "torchode", *JAX_FAMILY)),
@@ -429,6 +437,19 @@ def test_the_adapters_import_graph_is_acyclic() -> None:
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+
+
+def test_the_torch_backends_share_only_common_modules() -> None:
+    """A torch backend's modules import no other backend's modules (what they share is in the
+    common ones), and every module of regnde/adapters/torch is a common one or a backend's."""
+    graph = _adapter_imports()
+    torch_modules = {n.rsplit(".", 1)[1] for n in graph if n.startswith("regnde.adapters.torch.")}
+    owned = {m: b for b, ms in TORCH_BACKENDS.items() for m in ms}
+    assert torch_modules == set(TORCH_COMMON) | set(owned)
+    for module, backend in owned.items():
+        for dep in graph[f"regnde.adapters.torch.{module}"]:
+            other = owned.get(dep.rsplit(".", 1)[1])
+            assert other in (None, backend), f"{module} ({backend}) imports {dep} ({other})"
 
 
 @pytest.mark.parametrize("package", ["torch", "jax"])

@@ -24,7 +24,7 @@ import torch
 
 import regnde
 from regnde import distributed as D
-from regnde.adapters.torch.torchdiffeq import TorchKey, make_key
+from regnde.adapters.torch.keys import TorchKey, make_key
 from regnde.schedules import NFEBudget
 
 ROOT = Path(__file__).resolve().parents[1]

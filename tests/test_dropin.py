@@ -10,7 +10,7 @@ import torchdiffeq
 
 import regnde
 from regnde import regularizers as R
-from regnde.adapters.torch.torchdiffeq import make_key
+from regnde.adapters.torch.keys import make_key
 
 F64 = torch.float64
 

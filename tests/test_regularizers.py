@@ -183,7 +183,7 @@ def test_biased_sampler_concentrates_where_steps_are_dense():
     y0 = torch.ones(2, dtype=F64)
     t = torch.tensor([0.0, 1.0], dtype=F64)
     sol = regnde.solve(f, y0, t, rtol=1e-8, atol=1e-8)
-    from regnde.adapters.torch.torchdiffeq import make_key
+    from regnde.adapters.torch.keys import make_key
 
     run = types.SimpleNamespace(trace=sol.trace, t0=t[0], t1=t[1])
     biased = [S.Biased().sample(run.trace, t[0], t[1], make_key(i)) for i in range(300)]
@@ -199,7 +199,7 @@ def test_composition_adds_terms_with_their_keys(problem):
     f, y0, t = problem
     combo = 2.5 * R.LocalError() + 0.1 * R.GlobalStiffness()
     got = regnde.solve(f, y0, t, regularizer=combo, key=5).reg
-    from regnde.adapters.torch.torchdiffeq import make_key
+    from regnde.adapters.torch.keys import make_key
 
     k = make_key(5)
     local = regnde.solve(f, y0, t, regularizer=R.LocalError(), key=k.fold(0)).reg
@@ -314,7 +314,7 @@ def test_bad_choices_are_named():
 
 def test_several_samples_average_their_steps(problem):
     f, y0, t = problem
-    from regnde.adapters.torch.torchdiffeq import make_key
+    from regnde.adapters.torch.keys import make_key
 
     avg = regnde.solve(f, y0, t, regularizer=R.LocalError(samples=3), key=4)
     singles = [regnde.solve(f, y0, t, regularizer=R.LocalError(), key=make_key(4).fold(i)).reg

@@ -13,13 +13,14 @@ from torchdiffeq._impl.interp import _interp_evaluate, _interp_fit
 
 import regnde
 from regnde import regularizers as R
+from regnde.adapters.torch.keys import TorchKey
 from regnde.adapters.torch.taylor import (
     TaylorFallbackWarning,
     TaylorModeError,
     jvp_derivatives,
     taylor_derivatives,
 )
-from regnde.adapters.torch.torchdiffeq import TorchdiffeqBackend, TorchKey
+from regnde.adapters.torch.torchdiffeq import TorchdiffeqBackend
 from regnde.plugins.manager import registry
 from regnde.solvers import DOPRI5
 

@@ -11,7 +11,7 @@ from torchsde._core import adaptive_stepping, base_sde
 
 import regnde
 from regnde import regularizers as R
-from regnde.adapters.torch import torchsde as adapter
+from regnde.adapters.torch import sde_checks
 
 F64 = torch.float64
 TOL = {"rtol": 1e-3, "atol": 1e-3}
@@ -41,7 +41,7 @@ class NeuralSDE(torch.nn.Module):
 def make_bm(method: str | None = "srk", size=(4, 2), entropy: int = 7, t1: float = 1.0):
     return torchsde.BrownianInterval(
         t0=0.0, t1=t1, size=size, dtype=F64, entropy=entropy,
-        levy_area_approximation=adapter.levy_area(method or "srk"))
+        levy_area_approximation=sde_checks.levy_area(method or "srk"))
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def problem():
 def replay(sde, y0, trace, method, bm, opts=None):
     """Fixed-grid replay of the recorded steps with torchsde's own solver class and the same
     Brownian motion: ``(sum of error * |dt|, errors, states)``."""
-    cls = adapter._ORIGINAL_SELECT(method, sde.sde_type)
+    cls = sde_checks.ORIGINAL_SELECT(method, sde.sde_type)
     solver = cls(sde=base_sde.ForwardSDE(sde), bm=bm, dt=1e-3, adaptive=True,
                  options=dict(opts or {}), dt_min=1e-5, **TOL)
     y, extra = y0, solver.init_extra_solver_state(trace.t[0], y0)
@@ -255,7 +255,7 @@ def test_recording_is_scoped(problem):
     regnde.solve(sde, y0, t, key=0, **TOL)
     from torchsde._core import methods
 
-    assert methods.select is adapter._ORIGINAL_SELECT
+    assert methods.select is sde_checks.ORIGINAL_SELECT
     seen = []
 
     def other():  # a plain torchsde call in another thread during a regnde solve
@@ -273,7 +273,7 @@ def test_recording_is_scoped(problem):
     alone = regnde.solve(NeuralSDE(), y0, t, bm=make_bm(), **TOL)
     assert len(seen) == 1 and torch.equal(seen[0], alone.ys)
     assert torch.equal(sol.trace.t, alone.trace.t) and torch.equal(sol.ys, alone.ys)
-    assert methods.select is adapter._ORIGINAL_SELECT
+    assert methods.select is sde_checks.ORIGINAL_SELECT
 
 
 # -- bad input ---------------------------------------------------------------------------------

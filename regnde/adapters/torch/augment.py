@@ -14,6 +14,8 @@ import torch
 from regnde.adapters.torch.taylor import jvp_derivatives, taylor_derivatives
 
 CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
+#: How :meth:`TorchPoint.derivatives` computes each ``mode``.
+DERIVATIVES = {"taylor": taylor_derivatives, "jvp": jvp_derivatives}
 
 
 class TorchPoint:
@@ -50,13 +52,11 @@ class TorchPoint:
         """``[y', ..., y^(order)]`` (each ``y0.shape``) by Taylor mode or nested jvp."""
         have = self._derivs.get(mode)
         if have is None or len(have) < order:
+            derive = DERIVATIVES.get(mode)
+            if derive is None:
+                raise ValueError(f"derivative mode must be 'taylor' or 'jvp', got {mode!r}.")
             with self._grad_ctx():
-                if mode == "taylor":
-                    have = taylor_derivatives(self.fn, self.t, self._y, order)
-                elif mode == "jvp":
-                    have = jvp_derivatives(self.fn, self.t, self._y, order)
-                else:
-                    raise ValueError(f"derivative mode must be 'taylor' or 'jvp', got {mode!r}.")
+                have = derive(self.fn, self.t, self._y, order)
             self._derivs[mode] = have
             if self._f is None and mode == "taylor":
                 self._f = have[0]  # the traced call's output is f(t, y) itself

@@ -30,6 +30,10 @@ Operations with a Taylor rule (torch functions, ``Tensor`` methods and operators
   (with ``beta`` and ``threshold``), ``silu``, ``relu``, ``leaky_relu``, ``abs`` (the last three
   piecewise: derivatives of the branch at the point).
 
+The rules are in :mod:`regnde.adapters.torch.taylor_rules` (over the series arithmetic of
+:mod:`regnde.adapters.torch.taylor_series`); this module holds the tape, the fallback and the
+entry points.
+
 Any other operation on a traced value falls back to nested first-order forward mode
 (``torch.func.jvp``) for that operation alone, with a :class:`TaylorFallbackWarning` naming it;
 its cost grows like ``2^K``. Turn the warning into an error with
@@ -51,6 +55,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from regnde.adapters.torch.taylor_rules import CONSTANT, RULES, rule_div, rule_mul, rule_pow
+from regnde.adapters.torch.taylor_series import Coef, Node
 from regnde.errors import TaylorModeError
 
 __all__ = ["TaylorFallbackWarning", "TaylorModeError", "jvp_derivatives", "taylor_derivatives"]
@@ -60,407 +66,6 @@ class TaylorFallbackWarning(UserWarning):
     """An operation without a Taylor-mode rule ran through nested forward-mode jvp."""
 
 
-class Coef:
-    """Coefficient access for rules: ``C(x, j)`` is coefficient ``j`` of argument ``x`` (``None``
-    for zero: constants beyond order 0); ``C.active(x)`` says whether ``x`` is traced."""
-
-    def __init__(self, tape: _Tape) -> None:
-        self.tape = tape
-
-    def __call__(self, x: Any, j: int) -> Any:
-        return self.tape.coef(x, j)
-
-    def active(self, x: Any) -> bool:
-        return self.tape.active(x)
-
-
-class _Node:
-    """One recorded operation (or an input): its primal output and Taylor coefficients."""
-
-    __slots__ = ("args", "aux", "c", "func", "index", "kwargs", "name", "rule")
-
-    def __init__(self, func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 out: torch.Tensor, rule: Any, index: int | None = None):
-        self.func, self.name, self.args, self.kwargs = func, name, args, kwargs
-        self.c: list[Any] = [out]  # tensors, None for zero
-        self.aux: dict[str, list[Any]] = {}
-        self.rule, self.index = rule, index
-
-    @property
-    def out(self) -> torch.Tensor:
-        out = self.c[0]
-        assert out is not None
-        return out
-
-
-# -- helpers ----------------------------------------------------------------------------------
-def _sum(terms: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
-    total: torch.Tensor | None = None
-    for x in terms:
-        if x is not None:
-            total = x if total is None else total + x
-    return total
-
-
-def _fit(x: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    """``x`` broadcast to the shape and dtype of the primal output ``like``."""
-    if x is None:
-        return None
-    if x.dtype != like.dtype:
-        x = x.to(like.dtype)
-    if x.shape != like.shape:
-        x = x.expand(like.shape)
-    return x
-
-
-def _scale(a: torch.Tensor | None, s: Any) -> torch.Tensor | None:
-    return None if a is None else a * s
-
-
-def _conv(op: Callable[[Any, Any], torch.Tensor], a: Any, b: Any, k: int, C: Coef
-          ) -> torch.Tensor | None:
-    """``sum_{j=0..k} op(a_j, b_{k-j})`` over the non-zero coefficients."""
-    terms = []
-    for j in range(k + 1):
-        aj = C(a, j)
-        if aj is None:
-            continue
-        bk = C(b, k - j)
-        if bk is not None:
-            terms.append(op(aj, bk))
-    return _sum(terms)
-
-
-def _chain(a: Any, series: list[Any], k: int, C: Coef, scale: Any = 1.0) -> torch.Tensor | None:
-    """``(1/k) sum_{j=1..k} j * scale * a_j * series_{k-j}``: coefficient ``k`` of ``c`` where
-    ``c' = series * scale * a'``."""
-    terms = []
-    for j in range(1, k + 1):
-        aj = C(a, j)
-        if aj is not None and series[k - j] is not None:
-            terms.append((j * aj) * series[k - j])
-    total = _sum(terms)
-    if total is None:
-        return None
-    if isinstance(scale, (int, float)) and scale == 1:
-        return total / k
-    return total * (scale / k)
-
-
-def _self_product(c: list[Any], m: int) -> torch.Tensor | None:
-    """Coefficient ``m`` of ``c * c``."""
-    return _sum([c[i] * c[m - i] for i in range(m + 1)
-                 if c[i] is not None and c[m - i] is not None])
-
-
-def _arg(node: _Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-# -- rules: rule(node, k, C) -> coefficient k of the node's output (None = zero) -----------------
-def _r_add(sign: float, swap: bool = False) -> Any:
-    def rule(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-        a, b = node.args[0], _arg(node, 1, "other")
-        alpha = node.kwargs.get("alpha", 1)
-        # self +- alpha * other; swapped: other - alpha * self (__rsub__, rsub)
-        first, second = (C(b, k), C(a, k)) if swap else (C(a, k), C(b, k))
-        w = sign * alpha
-        if second is not None and not (isinstance(w, (int, float)) and w == 1):
-            second = second * w
-        return _fit(_sum([first, second]), node.out)
-    return rule
-
-
-def _r_neg(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    ak = C(node.args[0], k)
-    return None if ak is None else -ak
-
-
-def _r_mul(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    return _fit(_conv(torch.mul, node.args[0], _arg(node, 1, "other"), k, C), node.out)
-
-
-def _r_bilinear(op: Callable[[Any, Any], torch.Tensor], swap: bool = False) -> Any:
-    def rule(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-        a, b = node.args[0], node.args[1]
-        if swap:
-            a, b = b, a
-        return _conv(op, a, b, k, C)
-    return rule
-
-
-def _r_linear(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    x, w = node.args[0], _arg(node, 1, "weight")
-    bias = _arg(node, 2, "bias")
-    out = _conv(torch.nn.functional.linear, x, w, k, C)
-    return _fit(_sum([out, C(bias, k) if bias is not None else None]), node.out)
-
-
-def _r_addmm(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    bias, m1, m2 = node.args[0], node.args[1], node.args[2]
-    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-    prod = _conv(torch.mm, m1, m2, k, C)
-    bk = C(bias, k)
-    return _fit(_sum([_scale(bk, beta) if beta != 1 else bk,
-                      _scale(prod, alpha) if alpha != 1 else prod]), node.out)
-
-
-def _div(node: _Node, num: Any, den: Any, k: int, C: Coef) -> torch.Tensor | None:
-    ak = C(num, k)
-    if not C.active(den):
-        return None if ak is None else _fit(ak / den, node.out)
-    terms = [None if ak is None else ak]
-    for j in range(1, k + 1):
-        bj = C(den, j)
-        if bj is not None and node.c[k - j] is not None:
-            terms.append(-(bj * node.c[k - j]))
-    total = _sum(terms)
-    return None if total is None else _fit(total / C(den, 0), node.out)
-
-
-def _r_div(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    return _div(node, node.args[0], _arg(node, 1, "other"), k, C)
-
-
-def _r_rdiv(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    return _div(node, node.args[1], node.args[0], k, C)
-
-
-def _r_reciprocal(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    return _div(node, 1.0, node.args[0], k, C)
-
-
-def _pow(node: _Node, k: int, C: Coef, p: Any) -> torch.Tensor | None:
-    a = node.args[0]
-    if isinstance(p, (int, float)) and p == 2:
-        return _self_product([C(a, j) for j in range(k + 1)], k)
-    if isinstance(p, (int, float)) and p == 1:
-        return C(a, k)
-    if isinstance(p, (int, float)) and p == 0:
-        return None
-    # a c' = p a' c  =>  c_k = 1/(k a_0) sum_{j=1..k} (p j - (k - j)) a_j c_{k-j}
-    terms = []
-    for j in range(1, k + 1):
-        aj = C(a, j)
-        if aj is not None and node.c[k - j] is not None:
-            terms.append((p * j - (k - j)) * aj * node.c[k - j])
-    total = _sum(terms)
-    return None if total is None else total / (k * C(a, 0))
-
-
-def _r_pow(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    return _pow(node, k, C, _arg(node, 1, "exponent"))
-
-
-def _r_pow_const(p: float) -> Any:
-    def rule(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-        return _pow(node, k, C, p)
-    return rule
-
-
-def _r_rpow(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    """``base ** x`` (``x.__rpow__(base)``): ``c' = log(base) c x'``."""
-    base = node.args[1]
-    log_base = math.log(base) if isinstance(base, (int, float)) else torch.log(base)
-    return _fit(_chain(node.args[0], node.c, k, C, scale=log_base), node.out)
-
-
-def _r_exp(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    return _chain(node.args[0], node.c, k, C)
-
-
-def _r_expm1(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    e = [node.out + 1, *node.c[1:]]
-    return _chain(node.args[0], e, k, C)
-
-
-def _log(node: _Node, k: int, a0: torch.Tensor, a: Any, C: Coef) -> torch.Tensor | None:
-    # a c' = a'  =>  c_k = (a_k - 1/k sum_{j=1..k-1} j c_j a_{k-j}) / a_0
-    terms = [C(a, k)]
-    for j in range(1, k):
-        aj = C(a, k - j)
-        if aj is not None and node.c[j] is not None:
-            terms.append(-(j / k) * node.c[j] * aj)
-    total = _sum(terms)
-    return None if total is None else total / a0
-
-
-def _r_log(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    a = node.args[0]
-    return _log(node, k, C(a, 0), a, C)
-
-
-def _r_log1p(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    a = node.args[0]
-    return _log(node, k, C(a, 0) + 1, a, C)
-
-
-def _r_sincos(is_sin: bool) -> Any:
-    def rule(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-        a = node.args[0]
-        other = node.aux.setdefault("other", [torch.cos(C(a, 0)) if is_sin
-                                              else torch.sin(C(a, 0))])
-        # sin' = cos a', cos' = -sin a'
-        ck = _chain(a, other, k, C, scale=1.0 if is_sin else -1.0)
-        ok = _chain(a, node.c, k, C, scale=-1.0 if is_sin else 1.0)
-        other.append(ok)
-        return ck
-    return rule
-
-
-def _r_tanh(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    c = node.c
-    d = node.aux.setdefault("d", [1 - c[0] * c[0]])  # tanh' = 1 - tanh^2
-    ck = _chain(node.args[0], d, k, C)
-    prod = _self_product([*c, ck], k)
-    d.append(None if prod is None else -prod)
-    return ck
-
-
-def _sigmoid_step(s: list[Any], sd: list[Any], a: Any, k: int, C: Coef, scale: Any = 1.0
-                  ) -> None:
-    """Append coefficient ``k`` of ``s = sigmoid(scale * a)`` and of ``sd = s (1 - s)``."""
-    sk = _chain(a, sd, k, C, scale=scale)
-    s.append(sk)
-    prod = _self_product(s, k)
-    sd.append(_sum([sk, None if prod is None else -prod]))
-
-
-def _r_sigmoid(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    c = node.c
-    sd = node.aux.setdefault("sd", [c[0] - c[0] * c[0]])
-    s = [*c]
-    _sigmoid_step(s, sd, node.args[0], k, C)
-    return s[k]
-
-
-def _r_softplus(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    a = node.args[0]
-    beta = _arg(node, 1, "beta", 1.0)
-    threshold = _arg(node, 2, "threshold", 20.0)
-    a0 = C(a, 0)
-    if "s" not in node.aux:
-        s0 = torch.sigmoid(beta * a0)
-        node.aux["s"], node.aux["sd"] = [s0], [s0 - s0 * s0]
-    s, sd = node.aux["s"], node.aux["sd"]
-    ck = _chain(a, s, k, C)  # softplus' = sigmoid(beta a) a'
-    _sigmoid_step(s, sd, a, k, C, scale=beta)
-    ak = C(a, k)
-    if ck is None and ak is None:
-        return None
-    zero = torch.zeros_like(a0)
-    # softplus is the identity where beta * a > threshold
-    return torch.where(beta * a0 > threshold, zero if ak is None else ak,
-                       zero if ck is None else ck)
-
-
-def _r_silu(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    a = node.args[0]
-    if "s" not in node.aux:
-        s0 = torch.sigmoid(C(a, 0))
-        node.aux["s"], node.aux["sd"] = [s0], [s0 - s0 * s0]
-    s, sd = node.aux["s"], node.aux["sd"]
-    _sigmoid_step(s, sd, a, k, C)
-    return _sum([C(a, j) * s[k - j] for j in range(k + 1)
-                 if C(a, j) is not None and s[k - j] is not None])
-
-
-def _r_piecewise(slope: Callable[[_Node, torch.Tensor], torch.Tensor]) -> Any:
-    def rule(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-        a = node.args[0]
-        ak = C(a, k)
-        if ak is None:
-            return None
-        w = node.aux.get("w")
-        if w is None:
-            w = node.aux["w"] = [slope(node, C(a, 0))]
-        return ak * w[0]
-    return rule
-
-
-def _relu_slope(node: _Node, a0: torch.Tensor) -> torch.Tensor:
-    return (a0 > 0).to(a0.dtype)
-
-
-def _leaky_slope(node: _Node, a0: torch.Tensor) -> torch.Tensor:
-    neg = _arg(node, 1, "negative_slope", 0.01)
-    return torch.where(a0 > 0, torch.ones_like(a0), torch.full_like(a0, neg))
-
-
-def _abs_slope(node: _Node, a0: torch.Tensor) -> torch.Tensor:
-    return torch.sign(a0)
-
-
-def _r_unary_linear(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    ak = C(node.args[0], k)
-    if ak is None:
-        return None
-    out = node.func(ak, *node.args[1:], **node.kwargs)
-    return out if node.index is None else out[node.index]
-
-
-def _r_seq(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    seq = node.args[0]
-    parts = [C(x, k) for x in seq]
-    if all(p is None for p in parts):
-        return None
-    parts = [torch.zeros_like(x) if p is None else p for x, p in zip(seq, parts, strict=True)]
-    return node.func(parts, *node.args[1:], **node.kwargs)
-
-
-def _r_where(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
-    cond, a, b = node.args[0], _arg(node, 1, "input"), _arg(node, 2, "other")
-    if isinstance(cond, torch.Tensor) and cond.is_floating_point():  # a.where(cond, b)
-        a, cond = cond, a
-    ak, bk = C(a, k), C(b, k)
-    if ak is None and bk is None:
-        return None
-    zero = torch.zeros((), dtype=node.out.dtype, device=node.out.device)
-    return _fit(torch.where(cond, zero if ak is None else ak, zero if bk is None else bk),
-                node.out)
-
-
-RULES: dict[str, Any] = {
-    "add": _r_add(1.0), "__add__": _r_add(1.0), "__radd__": _r_add(1.0),
-    "sub": _r_add(-1.0), "subtract": _r_add(-1.0), "__sub__": _r_add(-1.0),
-    "__rsub__": _r_add(-1.0, swap=True), "rsub": _r_add(-1.0, swap=True),
-    "neg": _r_neg, "negative": _r_neg, "__neg__": _r_neg,
-    "mul": _r_mul, "multiply": _r_mul, "__mul__": _r_mul, "__rmul__": _r_mul,
-    "div": _r_div, "divide": _r_div, "true_divide": _r_div, "__truediv__": _r_div,
-    "__div__": _r_div, "__rdiv__": _r_rdiv, "__rtruediv__": _r_rdiv,
-    "reciprocal": _r_reciprocal,
-    "matmul": _r_bilinear(torch.matmul), "__matmul__": _r_bilinear(torch.matmul),
-    "__rmatmul__": _r_bilinear(torch.matmul, swap=True), "mm": _r_bilinear(torch.mm),
-    "bmm": _r_bilinear(torch.bmm), "mv": _r_bilinear(torch.mv),
-    "outer": _r_bilinear(torch.outer), "dot": _r_bilinear(torch.dot),
-    "linear": _r_linear, "addmm": _r_addmm,
-    "pow": _r_pow, "__pow__": _r_pow, "__rpow__": _r_rpow,
-    "square": _r_pow_const(2), "sqrt": _r_pow_const(0.5), "rsqrt": _r_pow_const(-0.5),
-    "exp": _r_exp, "expm1": _r_expm1, "log": _r_log, "log1p": _r_log1p,
-    "sin": _r_sincos(True), "cos": _r_sincos(False),
-    "tanh": _r_tanh, "sigmoid": _r_sigmoid, "softplus": _r_softplus, "silu": _r_silu,
-    "relu": _r_piecewise(_relu_slope), "leaky_relu": _r_piecewise(_leaky_slope),
-    "abs": _r_piecewise(_abs_slope),
-    "cat": _r_seq, "concat": _r_seq, "concatenate": _r_seq, "stack": _r_seq,
-    "where": _r_where,
-}
-_UNARY_LINEAR = (
-    "positive", "reshape", "view", "view_as", "reshape_as", "expand", "expand_as", "broadcast_to",
-    "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose", "t", "T", "mT",
-    "movedim", "swapaxes", "contiguous", "clone", "__getitem__", "narrow", "select",
-    "index_select", "gather", "sum", "mean", "cumsum", "flip", "roll", "repeat", "tile",
-    "diagonal", "split", "chunk", "unbind", "to", "type_as", "double", "float",
-)
-RULES.update({name: _r_unary_linear for name in _UNARY_LINEAR})
-
-#: Operations whose output does not depend on the input's value (zero derivatives).
-CONSTANT = frozenset({
-    "detach", "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like",
-    "randint_like", "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "sign",
-    "floor", "ceil", "round", "trunc", "argmax", "argmin",
-})
 _NOT_INPLACE = frozenset({"requires_grad_", "retain_grad", "share_memory_"})
 _INPLACE_DUNDER = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
                              "__idiv__", "__ipow__", "__imatmul__", "__iand__", "__ior__"})
@@ -492,12 +97,12 @@ class _Tape(TorchFunctionMode):
 
     def __init__(self, fallback: str) -> None:
         super().__init__()
-        self.nodes: dict[int, _Node] = {}
-        self.order: list[_Node] = []
+        self.nodes: dict[int, Node] = {}
+        self.order: list[Node] = []
         self.fallback = fallback
 
-    def input(self, x: torch.Tensor, name: str) -> _Node:
-        node = _Node(None, name, (), {}, x, None)
+    def input(self, x: torch.Tensor, name: str) -> Node:
+        node = Node(None, name, (), {}, x, None)
         self.nodes[id(x)] = node
         return node
 
@@ -543,9 +148,9 @@ class _Tape(TorchFunctionMode):
         if name in CONSTANT:
             return out
         rule = RULES.get(name)
-        if rule is _r_pow and self.active(_arg_of(args, kwargs, 1, "exponent")):
+        if rule is rule_pow and self.active(_arg_of(args, kwargs, 1, "exponent")):
             rule = None
-        if rule in (_r_div, _r_mul) and kwargs.get("rounding_mode") is not None:
+        if rule in (rule_div, rule_mul) and kwargs.get("rounding_mode") is not None:
             return out  # floor/trunc division: piecewise constant
         if rule is None:
             if self.fallback == "error":
@@ -562,8 +167,8 @@ class _Tape(TorchFunctionMode):
             if id(o) in self.nodes:  # the same tensor back (x.to(x.dtype), x.contiguous())
                 continue
             if isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex()):
-                node = _Node(func, name, tuple(args), dict(kwargs), o, rule,
-                             index=i if isinstance(out, (tuple, list)) else None)
+                node = Node(func, name, tuple(args), dict(kwargs), o, rule,
+                            index=i if isinstance(out, (tuple, list)) else None)
                 self.nodes[id(o)] = node
                 self.order.append(node)
         return out
@@ -593,7 +198,7 @@ def _poly(coeffs: Sequence[torch.Tensor], s: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _fallback(node: _Node, k: int, C: Coef) -> torch.Tensor | None:
+def _fallback(node: Node, k: int, C: Coef) -> torch.Tensor | None:
     """Coefficient ``k`` of one operation by nested forward mode on its input polynomials."""
     def series(x: Any) -> Any:
         if isinstance(x, torch.Tensor) and C.active(x):

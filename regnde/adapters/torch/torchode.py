@@ -37,8 +37,9 @@ from torchode.single_step_methods.runge_kutta import ERKState
 
 from regnde import errors
 from regnde.adapters import builtin
+from regnde.adapters.torch.common import TorchBackend
 from regnde.adapters.torch.keys import TorchKey, check_field_output, make_key
-from regnde.backend import Backend, SolveRequest, StepRequest
+from regnde.backend import SolveRequest, StepRequest
 from regnde.engine import Plan, regularize, solution
 from regnde.plugins.hookspecs import hookimpl
 from regnde.tableau import Tableau, equal_c_pair
@@ -325,25 +326,17 @@ def _check_status(status: torch.Tensor, rec: Recorder, r: SolveRequest) -> None:
     raise RuntimeError(f"torchode stopped sample {b} at t={t:.6g} with status {code}.")
 
 
-class TorchodeBackend(Backend):
+class TorchodeBackend(TorchBackend):
     """``backend="torchode"``: torchode's ``AutoDiffAdjoint`` (direct sensitivity only)."""
 
     name = "torchode"
-    framework = "torch"
     sensitivities = ("direct",)
     runs_tableaus = False
     per_sample_steps = True
     install_hint = builtin(__name__).install
-    distributed = "regnde.adapters.torch.distributed"
 
     def native_methods(self) -> Mapping[str, Tableau | None]:
         return {name: native_tableau(name) for name in METHODS}
-
-    def owns(self, y0: Any) -> bool:
-        return isinstance(y0, torch.Tensor)
-
-    def make_key(self, key: Any) -> TorchKey:
-        return make_key(key)
 
     def _method(self, method: str) -> Any:
         if method not in METHODS:
