@@ -13,14 +13,22 @@ The synthetic default is sized so that vanilla training learns and its NFE grows
 undamped oscillator per series (``decay=0``) of 0.5-1 half cycles per unit time over a horizon
 of 4 (one to two periods), read by all 3 features with fixed phase offsets, 20 observations,
 30% of values missing; 500 iterations at ``lr=1e-2`` (about 2-3 minutes on one thread).
-Vanilla training (seed 0) reaches a test MSE of 0.017 against 0.057 for the per-feature mean
-of the training values, while the training NFE grows from 32-38 (untrained, near-linear field)
-to an evaluation NFE of 104 (dopri5 at 1e-5) once the latent dynamics oscillate; the fit
-happens late (iterations ~300-450), so regularizers that slow it cost accuracy. Faster
-oscillations (the former 2-6 half cycles over a horizon of 1, each feature its own frequency
-and decay) were not learnt in a few hundred iterations: the model predicted the mean and stayed
-at the solver's floor of 20 evaluations. The GRU used to read the batch's union of times, mostly
-empty steps for any one series; it now reads only the series' own observations.
+Vanilla training (seeds 0/1/2) reaches a test MSE of 0.017/0.012/0.014 against 0.057 for the
+per-feature mean of the training values, while the training NFE grows from 32-38 (untrained,
+near-linear field) to an evaluation NFE of 104/110/110 (dopri5 at 1e-5) once the latent
+dynamics oscillate; the fit happens late (seed 0: iterations ~300-450), so regularizers that
+slow it cost accuracy. Faster oscillations (the former 2-6 half cycles over a horizon of 1, each
+feature its own frequency and decay) were not learnt in a few hundred iterations: the model
+predicted the mean and stayed at the solver's floor of 20 evaluations. The GRU used to read
+the batch's union of times, mostly empty steps for any one series; it now reads only the
+series' own observations.
+
+Error regularizers default to a constant 0.2 here (the centre of a x0.1/x1/x10 sweep); the
+papers' PhysioNet schedule is ``--lam 100:10``, far too strong on the synthetic data (the model
+then predicts the mean). On seed 0, ``local-error-unbiased`` at 0.15 / 0.2 / 0.3 ended at 0.94x /
+0.88x / 0.51x vanilla's evaluation NFE with test MSE +3% / +24% / +103%: it mostly delays the
+late fit rather than finding cheaper dynamics of the same accuracy (``global-error`` at 0.03:
+0.65x, +60%).
 """
 
 from __future__ import annotations
@@ -129,7 +137,7 @@ class LatentODE(TorchExperiment):
     select_tolerance = 0.05
     select_relative = True
     lam_defaults: ClassVar[dict[str, str]] = {
-        "error": "100:10", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "0.5"}
+        "error": "0.2", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "0.5"}
     config_class = LatentConfig
     config: LatentConfig
     data_help = "PhysioNet 2012 preprocessed (processed/set-a_<q>.pt)"
