@@ -1,12 +1,36 @@
 """``latent-ode``: a latent ODE (Rubanova et al. 2019) on irregularly sampled time series.
 
-A GRU reads the observations backwards in time (inputs: values, observation mask, time gap)
-and gives the mean and log-variance of ``z(t0)``; an ODE in latent space, solved at the union
-of the batch's observation times, is decoded linearly. Loss: Gaussian negative log-likelihood
-(``obs_std``) of the observed values plus the KL divergence of ``z(t0)`` from ``N(0, I)``, per
-observed value. Metric: reconstruction MSE over observed values (lower is better), with
-``z(t0)`` at its mean. Data: synthetic damped sinusoids (default) or PhysioNet 2012 with
-``--data PATH`` (see :mod:`regnde.experiments.data`; 80/10/10 split, fixed).
+A GRU reads each series' own observations backwards in time (inputs: values, observation mask,
+observation time; packed to the series' length) and gives the mean and log-variance of
+``z(t0)``; an ODE in latent space, solved at the union of the batch's observation times, is
+decoded linearly. Loss: Gaussian negative log-likelihood (``obs_std``) of the observed values
+plus the KL divergence of ``z(t0)`` from ``N(0, I)``, per observed value. Metric:
+reconstruction MSE over observed values (lower is better), with ``z(t0)`` at its mean. Data:
+synthetic oscillators (default) or PhysioNet 2012 with ``--data PATH`` (see
+:mod:`regnde.experiments.data`; 80/10/10 split, fixed).
+
+The synthetic default is sized so that vanilla training learns and its NFE grows: one
+undamped oscillator per series (``decay=0``) of 0.5-1 half cycles per unit time over a horizon
+of 4 (one to two periods), read by all 3 features with fixed phase offsets, 20 observations,
+30% of values missing; 500 iterations at ``lr=1e-2`` (25 s on one idle core, 2-3 minutes on a
+loaded one).
+Vanilla training (seeds 0/1/2) reaches a test MSE of 0.017/0.012/0.014 against 0.057 for the
+per-feature mean of the training values, while the training NFE grows from 32-38 (untrained,
+near-linear field) to an evaluation NFE of 104/110/110 (dopri5 at 1e-5) once the latent
+dynamics oscillate; the fit happens late (seed 0: iterations ~300-450), so regularizers that
+slow it cost accuracy. Faster oscillations (the former 2-6 half cycles over a horizon of 1, each
+feature its own frequency and decay) were not learnt in a few hundred iterations: the model
+predicted the mean and stayed at the solver's floor of 20 evaluations. The GRU used to read
+the batch's union of times, mostly empty steps for any one series; it now reads only the
+series' own observations.
+
+Error regularizers default to a constant 0.2 here (the centre of a x0.1/x1/x10 sweep); the
+papers' PhysioNet schedule is ``--lam 100:10``, far too strong on the synthetic data (the model
+then predicts the mean). On seed 0, ``local-error-unbiased`` at 0.15 / 0.2 / 0.3 ended at 0.94x /
+0.88x / 0.51x vanilla's evaluation NFE with test MSE +3% / +24% / +103%: it mostly delays the
+late fit rather than finding cheaper dynamics of the same accuracy (``global-error`` at 0.03:
+0.65x, +60%). Over seeds 0-2 (means): local 0.15 / 0.2 / 0.3 gave 0.95x / 0.93x / 0.75x NFE at
++6% / +16% / +61% MSE, global 0.03 gave 0.80x at +39%; seed 1 fits early and barely moves.
 """
 
 from __future__ import annotations
@@ -17,6 +41,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from regnde.experiments import data as D
 from regnde.experiments.base import Config, register
@@ -60,9 +85,17 @@ class LatentODEModel(nn.Module):
 
     def encode(self, tt: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        gaps = torch.diff(tt, prepend=tt[:1]).to(vals.dtype)
-        x = torch.cat([vals, mask, gaps.expand(vals.shape[0], -1).unsqueeze(-1)], dim=-1)
-        _, h = self.rnn(torch.flip(x, dims=[1]))
+        """Mean and log-variance of ``z(t0)``. Each series is read on its own observation times
+        only, latest first and packed to its length (inputs: values, mask, observation time), not
+        on the batch's union of times, where most steps are empty for any one series."""
+        obs = mask.amax(dim=-1) > 0  # (B, T)
+        idx = torch.arange(len(tt), device=obs.device).expand_as(obs)
+        order = torch.sort(torch.where(obs, idx, -1), dim=1, descending=True, stable=True)[1]
+        per_step = torch.cat([vals, mask, tt.to(vals.dtype).expand_as(obs).unsqueeze(-1)], dim=-1)
+        x = per_step.gather(1, order.unsqueeze(-1).expand_as(per_step))
+        lengths = obs.sum(dim=1).clamp_min(1).cpu()
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(packed)
         mean, logvar = self.to_z0(h[-1]).chunk(2, dim=-1)
         return mean, logvar
 
@@ -71,10 +104,13 @@ class LatentODEModel(nn.Module):
 class LatentConfig(Config):
     """Synthetic data: ``n_train``/``n_val``/``n_test`` series of ``n_points`` observations in
     ``dim`` features. Model: ``latent`` dimensions, ``hidden`` width of the latent vector field,
-    ``rnn`` GRU width; ``obs_std`` the likelihood's noise scale."""
+    ``rnn`` GRU width; ``obs_std`` the likelihood's noise scale. ``horizon``, ``freq_min``,
+    ``freq_max``, ``missing`` and ``decay`` shape the synthetic series (see
+    :func:`regnde.experiments.data.irregular_series`)."""
 
-    iters: int = 300
+    iters: int = 500
     batch_size: int = 64
+    lr: float = 1e-2
     rtol: float = 1e-5
     atol: float = 1e-5
     n_train: int = 512
@@ -86,9 +122,11 @@ class LatentConfig(Config):
     hidden: int = 32
     rnn: int = 32
     obs_std: float = 0.1
-    horizon: float = 1.0
-    freq_min: float = 2.0
-    freq_max: float = 6.0
+    horizon: float = 4.0
+    freq_min: float = 0.5
+    freq_max: float = 1.0
+    missing: float = 0.3
+    decay: float = 0.0
 
 
 @register
@@ -101,7 +139,7 @@ class LatentODE(TorchExperiment):
     select_tolerance = 0.05
     select_relative = True
     lam_defaults: ClassVar[dict[str, str]] = {
-        "error": "100:10", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "0.5"}
+        "error": "0.2", "stiffness": "0.01", "taylor": "1e-2", "rnode": "0.01", "steer": "0.5"}
     config_class = LatentConfig
     config: LatentConfig
     data_help = "PhysioNet 2012 preprocessed (processed/set-a_<q>.pt)"
@@ -119,7 +157,8 @@ class LatentODE(TorchExperiment):
                      "test": [items[i] for i in te]}
         else:
             parts = {k: D.irregular_series(n, c.n_points, c.dim, seed, c.horizon,
-                                           (c.freq_min, c.freq_max)).items
+                                           (c.freq_min, c.freq_max), c.missing,
+                                           c.decay).items
                      for k, n, seed in (("train", c.n_train, 0), ("val", c.n_val, 1),
                                         ("test", c.n_test, 2))}
         self.dim = parts["train"][0][2].shape[1]
