@@ -15,7 +15,7 @@ jax.config.update("jax_enable_x64", True)
 
 import regnde  # noqa: E402
 from regnde import regularizers as R  # noqa: E402
-from regnde.adapters.jax.diffrax import native_tableau, tableau_solver  # noqa: E402
+from regnde.adapters.jax.ode_methods import native_tableau, tableau_solver  # noqa: E402
 from regnde.solvers import DOPRI5, TSIT5  # noqa: E402
 
 RTOL = ATOL = 1e-6

@@ -19,7 +19,7 @@ jax.config.update("jax_enable_x64", True)
 
 import regnde  # noqa: E402
 from regnde import regularizers as R  # noqa: E402
-from regnde.adapters.jax.diffrax_sde import BROWNIAN_STREAM, DEFAULT_BM_TOL  # noqa: E402
+from regnde.adapters.jax.sde_terms import BROWNIAN_STREAM, DEFAULT_BM_TOL  # noqa: E402
 
 TOL = {"rtol": 1e-2, "atol": 1e-2}
 

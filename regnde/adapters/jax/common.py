@@ -1,8 +1,8 @@
-"""What the diffrax backend's ODE solves (:mod:`.diffrax`) and SDE solves (:mod:`.diffrax_sde`)
-share, and what the drop-in (:mod:`.diffrax_dropin`) builds on: JAX keys, the recording solver,
-the scaled error and the stiffness estimate, input checks and the failure reports. Both backend
-modules import this one and neither imports the other at import time, so the adapters' import
-graph stays acyclic.
+"""What the diffrax backend (:mod:`.diffrax`, ODEs and SDEs, with its helpers :mod:`.run`,
+:mod:`.ode_methods`, :mod:`.sde_methods`, :mod:`.sde_terms`) and the drop-in
+(:mod:`.diffrax_dropin`) build on: JAX keys, the recording solver, the scaled error and the
+stiffness estimate, input checks and the failure reports. It imports no other adapter module,
+so the adapters' import graph stays acyclic.
 """
 
 from __future__ import annotations
@@ -249,22 +249,6 @@ class _VectorField(eqx.Module):
 
 def _stop(tree: Any) -> Any:
     return jtu.tree_map(lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
-
-
-class CapturedStates:
-    """``Run.state_at`` for JAX runs: the dense-output state captured during the solve for a
-    presampled ``tau``, else the subclass's ``_from_trace``; constant unless asked."""
-
-    captured: dict[int, Any]
-
-    def state_at(self, tau: Any, differentiable: bool = False) -> jax.Array:
-        u = self.captured.get(id(tau))
-        if u is None:
-            u = self._from_trace(tau, differentiable)
-        return u if differentiable else jax.lax.stop_gradient(u)
-
-    def _from_trace(self, tau: Any, differentiable: bool) -> jax.Array:
-        raise NotImplementedError
 
 
 # -- checks and failures ------------------------------------------------------------------------
