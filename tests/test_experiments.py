@@ -348,6 +348,16 @@ def test_run_dir_of_another_experiment_is_refused(tmp_path, capsys):
         runner.run(tiny_spec("toy-cubic", tmp_path, seed=1))
 
 
+def test_a_finished_run_with_other_settings_is_not_taken_for_this_one(tmp_path):
+    """A changed setting (or a changed default) is another run: not skipped as finished, and
+    its checkpoint is refused by name instead of being resumed."""
+    runner.run(tiny_spec("toy-cubic", tmp_path))
+    spec = tiny_spec("toy-cubic", tmp_path)
+    spec.overrides["hidden"] = "5"
+    with pytest.raises(CheckpointError, match="hidden"):
+        runner.run(spec)
+
+
 class Hostile:
     def __init__(self, marker: Path):
         self.marker = marker

@@ -108,7 +108,7 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
     for c in candidates:  # validate every candidate before training any
         specs.ScheduledRegularizer(spec.regularizer, c, config.iters)
     out = Path(spec.out) if spec.out is not None else default_out(spec)
-    done = finished(out, spec, backend, config.iters, candidates)
+    done = finished(out, spec, backend, config, candidates)
     if done is not None and not spec.force:
         return done
     out.mkdir(parents=True, exist_ok=True)
@@ -158,18 +158,20 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
     return results
 
 
-def finished(out: Path, spec: RunSpec, backend: str, iters: int, candidates: list[str]
-             ) -> dict[str, Any] | None:
+def finished(out: Path, spec: RunSpec, backend: str, config: base.Config,
+             candidates: list[str]) -> dict[str, Any] | None:
     """The results of the same run (experiment, backend, regularizer, coefficients, seed,
-    data, size, iterations) if ``out`` holds them (``results["complete"]`` is then True), else
-    ``None`` (then training resumes or starts, and a checkpoint of another run is refused)."""
+    data, size, every setting of the configuration) if ``out`` holds them
+    (``results["complete"]`` is then True), else ``None`` (then training resumes or starts,
+    and a checkpoint of another run is refused)."""
     path = out / RESULTS
     if not path.exists():
         return None
     stored = json.loads(path.read_text())
     want = {"experiment": spec.experiment, "backend": backend, "regularizer": spec.regularizer,
             "seed": spec.seed, "full": spec.full, "data": spec.data or "builtin",
-            "iterations": iters}
+            "iterations": config.iters,
+            "config": json.loads(json.dumps(dataclasses.asdict(config)))}  # as stored
     same = {k: stored.get(k) for k in want}
     lams = [c["lam"] for c in stored.get("lam_candidates", [])]
     if same != want or lams != candidates:  # another run: its checkpoint says so when loaded
