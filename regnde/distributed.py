@@ -258,16 +258,24 @@ def reduce_stats(
     """
     given = [(name, v) for name, v in (("loss", loss), ("reg", reg)) if v is not None]
     values = [_scalar(v) for _, v in given] + [float(getattr(stats, f)) for f in STAT_FIELDS]
-    if all_reduce is None:
-        if framework is None:
-            offered = helper_modules()
-            framework = next((fw for fw in (framework_of(v) for _, v in given)
-                              if fw in offered), None)
-        module = helpers(framework, "all_reduce_sum_max", "reduce_stats")
-        sums, maxs, world = module.all_reduce_sum_max(values, **options)
-    else:
-        sums, maxs, world = all_reduce(values)
+    sums, maxs, world = _sum_max(values, [v for _, v in given], framework, all_reduce,
+                                 "reduce_stats", options)
     return reduced([n for n, _ in given], sums, maxs, world)
+
+
+def _sum_max(values: list[float], arrays: Sequence[Any], framework: str | None,
+             all_reduce: AllReduce | None, what: str, options: dict[str, Any]
+             ) -> tuple[Sequence[float], Sequence[float], int]:
+    """Sums and maxima of ``values`` over ranks and the world size, through ``all_reduce`` or
+    the helpers of ``framework`` (``None``: the framework of the first of ``arrays`` that has
+    helpers, else the first framework that has them)."""
+    if all_reduce is not None:
+        return all_reduce(values)
+    if framework is None:
+        offered = helper_modules()
+        framework = next((fw for fw in map(framework_of, arrays) if fw in offered), None)
+    module = helpers(framework, "all_reduce_sum_max", what)
+    return module.all_reduce_sum_max(values, **options)  # type: ignore[no-any-return]
 
 
 def mean_across_ranks(value: Any, *, framework: str | None = None,
@@ -279,15 +287,8 @@ def mean_across_ranks(value: Any, *, framework: str | None = None,
     every rank gets the same coefficient, chosen from the NFE averaged over ranks. Outside a
     process group: ``value`` itself. ``framework``, ``all_reduce`` and ``options`` as in
     :func:`reduce_stats`."""
-    x = _scalar(value)
-    if all_reduce is None:
-        if framework is None:
-            fw = framework_of(value)
-            framework = fw if fw in helper_modules() else None
-        module = helpers(framework, "all_reduce_sum_max", "mean_across_ranks")
-        sums, _, world = module.all_reduce_sum_max([x], **options)
-    else:
-        sums, _, world = all_reduce([x])
+    sums, _, world = _sum_max([_scalar(value)], [value], framework, all_reduce,
+                              "mean_across_ranks", options)
     return float(sums[0]) / int(world)
 
 
