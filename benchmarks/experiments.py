@@ -2,8 +2,9 @@
 
 For each experiment: the vanilla model for every seed; then, per regularizer, a coefficient
 sweep on the first seed (``regnde run --sweep-lam``: the default coefficient times 0.1, 1, 10,
-chosen as the lowest validation NFE within one point of accuracy / 5% of MSE or NLL of the
-vanilla run's); then the other seeds with the chosen coefficient. Runs go ``--jobs`` at a time
+plus up to two candidates where these do not bracket the choice; chosen as the lowest
+validation NFE within one point of accuracy / 5% of MSE or NLL of the vanilla run's); then the
+other seeds with the chosen coefficient. Runs go ``--jobs`` at a time
 (``--threads 1`` each; NFE and metrics are deterministic, so running two at a time changes
 only wall times, which the timing pass measures apart on a quiet machine). A run that finished
 is skipped (``regnde run`` says so), so the script can be stopped and started again.
