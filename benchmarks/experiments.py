@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,8 +54,20 @@ METHODS = {
 }
 
 
+def clear_if_stale(out: Path, extra: list[str]) -> None:
+    """Remove a run directory trained at another coefficient than ``--lam`` in ``extra`` (the
+    sweep chose another one since): its checkpoint would be refused as another run's."""
+    if "--lam" not in extra or not (out / "results.json").exists():
+        return
+    lam = extra[extra.index("--lam") + 1]
+    if json.loads((out / "results.json").read_text()).get("lam") != lam:
+        print(f"clearing {out}: trained at another coefficient than {lam}", flush=True)
+        shutil.rmtree(out)
+
+
 def run(experiment: str, reg: str, seed: int, extra: list[str], root: Path = ROOT) -> dict:
     out = root / experiment / reg / f"seed{seed}"
+    clear_if_stale(out, extra)
     cmd = [sys.executable, "-m", "regnde", "run", experiment, "--regularizer", reg,
            "--seed", str(seed), "--threads", "1", "--no-progress", "--out", str(out), *extra]
     start = time.time()
