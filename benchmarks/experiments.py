@@ -42,15 +42,20 @@ TIMING = ROOT.with_name("experiments-timing")
 METHODS = {
     "mnist1d-node": ["local-error-unbiased", "local-error-biased", "global-error",
                      "global-stiffness", "steer", "local-error-reference", "rnode", "taynode-2"],
-    "mnist1d-nsde": ["local-error-unbiased", "local-error-biased", "global-error"],
+    # SDEs: no stiffness pair in step doubling, no first stage to hold constant, and no
+    # integrated extra state (RNODE, TayNODE) on torchsde
+    "mnist1d-nsde": ["local-error-unbiased", "local-error-biased", "global-error", "steer"],
     "digits-node": ["local-error-unbiased", "local-error-biased", "global-error",
-                    "global-stiffness", "steer", "rnode", "taynode-2"],
-    "latent-ode": ["local-error-unbiased", "local-error-biased", "global-error", "taynode-2"],
-    "spiral-sde": ["local-error-unbiased", "local-error-biased", "global-error"],
+                    "global-stiffness", "steer", "rnode", "taynode-2", "local-error-reference"],
+    "latent-ode": ["local-error-unbiased", "local-error-biased", "global-error", "taynode-2",
+                   "global-stiffness", "local-error-reference", "rnode", "steer"],
+    "spiral-sde": ["local-error-unbiased", "local-error-biased", "global-error", "steer"],
     # no TayNODE: the CNF's field takes torch.autograd.grad (its trace), which Taylor mode and
     # nested forward mode cannot differentiate (TaylorModeError at the first iteration)
-    "cnf-2d": ["local-error-unbiased", "global-error", "rnode"],
-    "toy-cubic": ["local-error-unbiased", "global-error", "taynode-2", "rnode"],
+    "cnf-2d": ["local-error-unbiased", "global-error", "rnode", "local-error-biased",
+               "global-stiffness", "local-error-reference", "steer"],
+    "toy-cubic": ["local-error-unbiased", "global-error", "taynode-2", "rnode",
+                  "local-error-biased", "global-stiffness", "local-error-reference", "steer"],
 }
 
 
