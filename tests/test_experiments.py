@@ -19,6 +19,7 @@ import torch
 import regnde
 from regnde import regularizers as R
 from regnde.experiments import checkpoint, data, runner, specs
+from regnde.experiments import report as report_mod
 from regnde.experiments.checkpoint import CheckpointError
 from regnde.experiments.cli import main
 from regnde.experiments.report import report
@@ -619,6 +620,27 @@ def test_report_takes_times_from_timing_runs(tmp_path):
     timed = read_results(tmp_path / "timing" / "global-error" / "s0")
     row = next(line for line in both.splitlines() if line.startswith("| global-error"))
     assert f"| {timed['training_seconds']:.1f} |" in row
+
+
+def test_report_splits_local_vs_global_training_time(tmp_path):
+    def run_dir(name: str, nfe: float, nfe_reg: float, seconds: float) -> dict:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "history.json").write_text(json.dumps(
+            [{"nfe": nfe, "nfe_reg": nfe_reg, "seconds": seconds}] * 4))
+        return {report_mod.RUN_DIR: str(d)}
+
+    # local: 4 x 0.30 s over 4 x (20 + 10) evaluations; global: 4 x 0.25 s over 4 x 25
+    runs = {"local-error-unbiased": run_dir("l", 20, 10, 0.30),
+            "global-error": run_dir("g", 25, 0, 0.25), "none": run_dir("n", 30, 0, 0.2)}
+    (line,) = report_mod.local_vs_global(runs)
+    assert line == ("local-error-unbiased vs global-error: 1.2 s vs 1.0 s of training, 30.0 vs "
+                    "25.0 evaluations per iteration at 10.00 vs 10.00 ms each: local trains "
+                    "slower (more evaluations per iteration).")
+    runs["global-error"] = run_dir("g2", 20, 0, 0.5)
+    assert report_mod.local_vs_global(runs)[0].endswith("local trains faster.")
+    del runs["global-error"]
+    assert report_mod.local_vs_global(runs) == []
 
 
 def test_steer_term_becomes_a_random_end_time_while_training():
