@@ -705,23 +705,3 @@ def test_steer_runs_end_to_end_and_changes_training_only(tmp_path):
     plain = json.loads((tmp_path / "p" / "history.json").read_text())
     # same weights and batch at iteration 0: only the random end time differs
     assert steer[0]["task_loss"] != plain[0]["task_loss"]
-
-
-def test_a_setting_added_later_keeps_the_runs_made_without_it(tmp_path, monkeypatch):
-    """A run whose stored configuration lacks a setting (made before it existed) is the same
-    run as one with that setting at its default: reused, and its checkpoint resumed."""
-    spec = tiny_spec("toy-cubic", tmp_path, "global-error", iters=2)
-    first = runner.run(spec)
-    stored = read_results(tmp_path)
-    del stored["config"]["range"]  # as if written before `range` existed
-    (tmp_path / "results.json").write_text(json.dumps(stored))
-    state, meta = checkpoint.load(tmp_path / "checkpoint.pt")
-    del meta["identity"]["config"]["range"]
-    checkpoint.save(tmp_path / "checkpoint.pt", state, meta)
-    again = runner.run(spec)
-    assert again["complete"] is True and again["test"] == first["test"]
-    (tmp_path / "results.json").unlink()  # evaluated again from the resumed checkpoint
-    assert runner.run(spec)["test"]["metric"] == first["test"]["metric"]
-    other = dataclasses.replace(spec, overrides={**spec.overrides, "range": "1.0"})
-    with pytest.raises(CheckpointError, match="range"):  # at another value: another run
-        runner.run(other)
