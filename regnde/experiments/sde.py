@@ -70,8 +70,9 @@ class Diagonal(nn.Module):
 
 @dataclass
 class SpiralConfig(Config):
-    """``paths``: trajectories sampled per moment estimate; ``n_true``: true trajectories per
-    split; ``hidden``: drift width.
+    """``paths``: trajectories sampled per moment estimate while training; ``eval_paths``: per
+    moment estimate when evaluating (validation/test metric and NFE); ``n_true``: true
+    trajectories per split; ``hidden``: drift width.
 
     Milstein (strong order 1, so step doubling's error estimate is valid for the learned
     state-dependent noise) from ``dt = 1`` (the whole interval): the error estimate alone sets
@@ -86,6 +87,7 @@ class SpiralConfig(Config):
     method: str = "milstein"
     dt: float = 1.0
     paths: int = 100
+    eval_paths: int = 1000
     n_true: int = 1000
     n_times: int = 30
     hidden: int = 50
@@ -131,7 +133,7 @@ class SpiralSDE(TorchExperiment):
 
     @classmethod
     def full_config(cls) -> dict[str, Any]:
-        return {"iters": 1000, "paths": 10000}
+        return {"iters": 1000, "paths": 10000, "eval_paths": 10000}
 
     def load_data(self) -> dict[str, Any]:
         c = self.config
@@ -156,7 +158,8 @@ class SpiralSDE(TorchExperiment):
                 train: bool) -> Output:
         mean, var = batch
         c = self.config
-        y0 = torch.tensor([[2.0, 0.0]], dtype=torch.float32).expand(c.paths, 2).contiguous()
+        paths = c.paths if train else c.eval_paths
+        y0 = torch.tensor([[2.0, 0.0]], dtype=torch.float32).expand(paths, 2).contiguous()
         t = torch.linspace(0.0, 1.0, c.n_times, dtype=torch.float32)
         sol = self.solve(self.model, y0, t, regularizer, key, adaptive=True, dt=c.dt)
         loss = ((sol.ys.mean(1) - mean) ** 2).sum() + ((sol.ys.var(1) - var) ** 2).sum()
