@@ -2,8 +2,9 @@
 
 For each experiment: the vanilla model for every seed; then, per regularizer, a coefficient
 sweep on the first seed (``regnde run --sweep-lam``: the default coefficient times 0.1, 1, 10,
-chosen as the lowest validation NFE within one point of accuracy / 5% of MSE or NLL of the
-vanilla run's); then the other seeds with the chosen coefficient. Runs go ``--jobs`` at a time
+plus up to two candidates where these do not bracket the choice; chosen as the lowest
+validation NFE within one point of accuracy / 5% of MSE or NLL of the vanilla run's); then the
+other seeds with the chosen coefficient. Runs go ``--jobs`` at a time
 (``--threads 1`` each; NFE and metrics are deterministic, so running two at a time changes
 only wall times, which the timing pass measures apart on a quiet machine). A run that finished
 is skipped (``regnde run`` says so), so the script can be stopped and started again.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -40,20 +42,37 @@ TIMING = ROOT.with_name("experiments-timing")
 METHODS = {
     "mnist1d-node": ["local-error-unbiased", "local-error-biased", "global-error",
                      "global-stiffness", "steer", "local-error-reference", "rnode", "taynode-2"],
-    "mnist1d-nsde": ["local-error-unbiased", "local-error-biased", "global-error"],
+    # SDEs: no stiffness pair in step doubling, no first stage to hold constant, and no
+    # integrated extra state (RNODE, TayNODE) on torchsde
+    "mnist1d-nsde": ["local-error-unbiased", "local-error-biased", "global-error", "steer"],
     "digits-node": ["local-error-unbiased", "local-error-biased", "global-error",
-                    "global-stiffness", "steer", "rnode", "taynode-2"],
-    "latent-ode": ["local-error-unbiased", "local-error-biased", "global-error", "taynode-2"],
-    "spiral-sde": ["local-error-unbiased", "local-error-biased", "global-error"],
+                    "global-stiffness", "steer", "rnode", "taynode-2", "local-error-reference"],
+    "latent-ode": ["local-error-unbiased", "local-error-biased", "global-error", "taynode-2",
+                   "global-stiffness", "local-error-reference", "rnode", "steer"],
+    "spiral-sde": ["local-error-unbiased", "local-error-biased", "global-error", "steer"],
     # no TayNODE: the CNF's field takes torch.autograd.grad (its trace), which Taylor mode and
     # nested forward mode cannot differentiate (TaylorModeError at the first iteration)
-    "cnf-2d": ["local-error-unbiased", "global-error", "rnode"],
-    "toy-cubic": ["local-error-unbiased", "global-error", "taynode-2", "rnode"],
+    "cnf-2d": ["local-error-unbiased", "global-error", "rnode", "local-error-biased",
+               "global-stiffness", "local-error-reference", "steer"],
+    "toy-cubic": ["local-error-unbiased", "global-error", "taynode-2", "rnode",
+                  "local-error-biased", "global-stiffness", "local-error-reference", "steer"],
 }
+
+
+def clear_if_stale(out: Path, extra: list[str]) -> None:
+    """Remove a run directory trained at another coefficient than ``--lam`` in ``extra`` (the
+    sweep chose another one since): its checkpoint would be refused as another run's."""
+    if "--lam" not in extra or not (out / "results.json").exists():
+        return
+    lam = extra[extra.index("--lam") + 1]
+    if json.loads((out / "results.json").read_text()).get("lam") != lam:
+        print(f"clearing {out}: trained at another coefficient than {lam}", flush=True)
+        shutil.rmtree(out)
 
 
 def run(experiment: str, reg: str, seed: int, extra: list[str], root: Path = ROOT) -> dict:
     out = root / experiment / reg / f"seed{seed}"
+    clear_if_stale(out, extra)
     cmd = [sys.executable, "-m", "regnde", "run", experiment, "--regularizer", reg,
            "--seed", str(seed), "--threads", "1", "--no-progress", "--out", str(out), *extra]
     start = time.time()

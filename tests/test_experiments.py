@@ -19,6 +19,7 @@ import torch
 import regnde
 from regnde import regularizers as R
 from regnde.experiments import checkpoint, data, runner, specs
+from regnde.experiments import report as report_mod
 from regnde.experiments.checkpoint import CheckpointError
 from regnde.experiments.cli import main
 from regnde.experiments.report import report
@@ -273,6 +274,63 @@ def test_sweep_lam_scales_every_coefficient():
         specs.sweep_lam("global-error", "1,2")
 
 
+def test_sweep_adds_candidates_only_where_it_does_not_bracket_the_choice():
+    # (factor, within tolerance, validation NFE)
+    # the largest is chosen and still lowers NFE: a decade further
+    assert specs.next_factor([(0.1, True, 80), (1, True, 60), (10, True, 40)], 10) == 100
+    assert specs.next_factor([(1, True, 60)], 1) == 10
+    # the largest is chosen but NFE stopped falling (a floor): nothing to gain further up
+    assert specs.next_factor([(0.1, True, 80), (1, True, 40), (10, True, 40)], 10) is None
+    # the transition lies between the chosen one and a larger failing one: their middle
+    mid = specs.next_factor([(0.1, True, 80), (1, False, 40), (10, False, 20)], 0.1)
+    assert mid == pytest.approx(0.1 * 10**0.5)
+    # ... refined down to a factor SWEEP_FINEST apart, then not any more
+    assert specs.next_factor([(0.1, True, 80), (0.178, False, 70)], 0.1) is None
+    # a larger candidate that failed without saving NFE does not point at a transition
+    assert specs.next_factor([(0.1, True, 80), (1, False, 85)], 0.1) is None
+    # no candidate within the tolerance: the most accurate is reported, nothing refined
+    assert specs.next_factor([(0.1, False, 80), (1, False, 40)], 0.1) is None
+    assert specs.refinable("global-error+rnode") and not specs.refinable("global-error+steer")
+    assert specs.scale_lam("0.2", 10**0.5) == "0.632" and specs.scale_lam("2", 100) == "200"
+
+
+def test_sweep_trains_the_added_candidates_and_reuses_them(tmp_path, monkeypatch):
+    """The runner's loop with a stand-in for training: validation MSE and NFE as functions of
+    the coefficient (the tolerance is crossed between 0.2 and 2, NFE falls throughout)."""
+    trained: list[str] = []
+
+    class Fake:
+        def __init__(self, lam: str):
+            self.lam = float(lam)
+
+        def evaluate(self, split: str) -> dict:
+            return {"metric": 1.0 + 0.1 * self.lam, "nfe": 100.0 / (1.0 + self.lam),
+                    "seconds_per_batch": 0.0}
+
+        def versions(self) -> dict:
+            return {}
+
+    def fake_train(cls, config, backend, spec, lam, where, callback=None):
+        trained.append(lam)
+        return Fake(lam), [{"nfe": 1.0, "seconds": 0.0}], 0.0
+
+    vanilla = tmp_path / "none"
+    vanilla.mkdir()
+    (vanilla / "results.json").write_text(json.dumps(
+        {"regularizer": "none", "experiment": "toy-cubic", "val": {"metric": 1.0}}))
+    monkeypatch.setattr(runner, "train", fake_train)
+    spec = tiny_spec("toy-cubic", tmp_path / "run", "global-error", lam="0.2", sweep=True,
+                     baseline=vanilla)
+    res = runner.run(spec)
+    # 0.02 / 0.2 / 2: 0.2 chosen (2 is 20% worse, at lower NFE), so their middle 0.632; it is
+    # 6.3% worse, so the middle of 0.2 and 0.632
+    assert trained == ["0.02", "0.2", "2", "0.632", "0.356"]
+    assert [c["lam"] for c in res["lam_candidates"]] == trained
+    assert res["lam"] == "0.356"  # MSE 1.036 within 5% of 1.0, NFE 73.7 < 83.3
+    trained.clear()
+    assert runner.run(spec)["complete"] is True and trained == []  # reused, nothing retrained
+
+
 def test_sweep_lam_from_the_command_line_picks_by_the_vanilla_run(tmp_path, capsys):
     runs = tmp_path / "runs"
     assert main(tiny_args("toy-cubic", runs / "none" / "seed0")) == 0
@@ -280,7 +338,12 @@ def test_sweep_lam_from_the_command_line_picks_by_the_vanilla_run(tmp_path, caps
                      "--sweep-lam", "--lam", "2")
     assert main(args) == 0
     res = read_results(runs / "global-error" / "seed0")
-    assert [c["lam"] for c in res["lam_candidates"]] == ["0.2", "2", "20"]
+    lams = [c["lam"] for c in res["lam_candidates"]]
+    assert lams[:3] == ["0.2", "2", "20"] and len(lams) <= 3 + specs.SWEEP_EXTRA
+    assert res["sweep"] == specs.SWEEP_RULE
+    # the same command again reuses the finished sweep, extra candidates included
+    assert runner.run(tiny_spec("toy-cubic", runs / "global-error" / "seed0", "global-error",
+                                lam="2", sweep=True))["complete"] is True
     vanilla = read_results(runs / "none" / "seed0")
     assert res["selection"]["reference"]["metric"] == vanilla["val"]["metric"]
     assert "vanilla run's validation mse" in res["selection"]["rule"]
@@ -578,6 +641,27 @@ def test_report_takes_times_from_timing_runs(tmp_path):
     timed = read_results(tmp_path / "timing" / "global-error" / "s0")
     row = next(line for line in both.splitlines() if line.startswith("| global-error"))
     assert f"| {timed['training_seconds']:.1f} |" in row
+
+
+def test_report_splits_local_vs_global_training_time(tmp_path):
+    def run_dir(name: str, nfe: float, nfe_reg: float, seconds: float) -> dict:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "history.json").write_text(json.dumps(
+            [{"nfe": nfe, "nfe_reg": nfe_reg, "seconds": seconds}] * 4))
+        return {report_mod.RUN_DIR: str(d)}
+
+    # local: 4 x 0.30 s over 4 x (20 + 10) evaluations; global: 4 x 0.25 s over 4 x 25
+    runs = {"local-error-unbiased": run_dir("l", 20, 10, 0.30),
+            "global-error": run_dir("g", 25, 0, 0.25), "none": run_dir("n", 30, 0, 0.2)}
+    (line,) = report_mod.local_vs_global(runs)
+    assert line == ("local-error-unbiased vs global-error: 1.2 s vs 1.0 s of training, 30.0 vs "
+                    "25.0 evaluations per iteration at 10.00 vs 10.00 ms each: local trains "
+                    "slower (more evaluations per iteration).")
+    runs["global-error"] = run_dir("g2", 20, 0, 0.5)
+    assert report_mod.local_vs_global(runs)[0].endswith("local trains faster.")
+    del runs["global-error"]
+    assert report_mod.local_vs_global(runs) == []
 
 
 def test_steer_term_becomes_a_random_end_time_while_training():

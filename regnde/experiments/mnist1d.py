@@ -10,23 +10,27 @@ scaled to 40-d inputs; the validation split is a fixed 10% of the training set.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from regnde.experiments import data as D
-from regnde.experiments.base import Config, register
-from regnde.experiments.node import ArrayExperiment, Arrays
-from regnde.experiments.sde import Diagonal, SDEModule, _need_torchsde
-from regnde.experiments.torch_common import Output, TimeMLP, classified
+from regnde.experiments.base import register
+from regnde.experiments.node import (
+    ClassifierConfig,
+    ClassifierExperiment,
+    Splits,
+    hold_out,
+    limited,
+)
+from regnde.experiments.sde import Diagonal, SDEClassifier, SDEModule
+from regnde.experiments.torch_common import TimeMLP
 
 
 @dataclass
-class Mnist1dConfig(Config):
+class Mnist1dConfig(ClassifierConfig):
     """``latent``: size of the ODE state; ``hidden``: width of the vector field's two hidden
     layers; ``t1``: integration time; ``n_train``/``n_eval``: keep only that many examples
     (0: all)."""
@@ -38,24 +42,12 @@ class Mnist1dConfig(Config):
     atol: float = 1e-6
     latent: int = 64
     hidden: int = 128
-    t1: float = 1.0
-    n_train: int = 0
-    n_eval: int = 0
 
 
-def mnist1d_splits(c: Mnist1dConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def mnist1d_splits(c: Mnist1dConfig) -> Splits:
     """``train``/``val``/``test``: the standard split, validation a fixed 10% of training."""
     parts = D.mnist1d()
-    x, y = parts["train"]
-    perm = np.random.default_rng(0).permutation(len(x))
-    va, tr = perm[: len(x) // 10], perm[len(x) // 10:]
-    out = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": parts["test"]}
-    for k, (xs, ys) in out.items():
-        n = c.n_train if k == "train" else c.n_eval
-        if n > 0:
-            xs, ys = xs[:n], ys[:n]
-        out[k] = (np.ascontiguousarray(xs), np.ascontiguousarray(ys))
-    return out
+    return limited(hold_out(*parts["train"], parts["test"]), c.n_train, c.n_eval)
 
 
 class ODEClassifier(nn.Module):
@@ -70,41 +62,27 @@ class ODEClassifier(nn.Module):
 
 
 @register
-class Mnist1dNODE(ArrayExperiment):
+class Mnist1dNODE(ClassifierExperiment):
     """A neural ODE classifier on MNIST-1D: encode, ``z(t1)`` of ``dz/dt = f([z; t])``, linear
     head. Metric: accuracy."""
 
     name = "mnist1d-node"
-    metric = "accuracy"
-    higher_is_better = True
-    select_tolerance = 0.01
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "1.0", "stiffness": "0.01", "taylor": "1e-3", "rnode": "0.01",
         "steer": "0.5"}
     config_class = Mnist1dConfig
     config: Mnist1dConfig
 
-    def load_data(self) -> dict[str, Any]:
-        out = {k: (torch.from_numpy(xs), torch.from_numpy(ys))
-               for k, (xs, ys) in mnist1d_splits(self.config).items()}
-        self.dim = out["train"][0].shape[1]
-        return out
+    def arrays(self) -> Splits:
+        return mnist1d_splits(self.config)
 
     def build_model(self) -> nn.Module:
         c = self.config
         return ODEClassifier(self.dim, c.latent, c.hidden, 10)
 
-    def forward(self, batch: Arrays, regularizer: Any, key: int, gen: torch.Generator,
-                train: bool) -> Output:
-        x, y = batch
-        t = torch.tensor([0.0, self.config.t1], dtype=torch.float32)
-        sol = self.solve(self.model.func, self.model.encode(x), t, regularizer, key)
-        logits = self.model.head(sol.ys[-1])
-        return classified(logits, y, sol)
-
-
-#: The start of torchsde's warning about adaptive Euler-Maruyama with non-additive noise.
-EULER_WARNING = "Numerical solution is not guaranteed to converge"
+    def initial(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoded inputs ``(B, latent)``."""
+        return self.model.encode(x)
 
 
 @dataclass
@@ -126,7 +104,7 @@ class Mnist1dSDEConfig(Mnist1dConfig):
 
 
 @register
-class Mnist1dNSDE(Mnist1dNODE):
+class Mnist1dNSDE(SDEClassifier, Mnist1dNODE):
     """``mnist1d-node`` as a neural SDE: the same drift, learned constant diagonal noise
     (torchsde, adaptive step doubling). The state at ``t1`` of one sampled path feeds the
     head."""
@@ -140,25 +118,8 @@ class Mnist1dNSDE(Mnist1dNODE):
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "0.1", "stiffness": "0.01", "taylor": "1e-3", "rnode": "0.01", "steer": "0.5"}
 
-    @classmethod
-    def check_available(cls, backend: str) -> None:
-        _need_torchsde(cls.name, backend)
-
     def build_model(self) -> nn.Module:
         c = self.config
         model = ODEClassifier(self.dim, c.latent, c.hidden, 10)
         model.sde = SDEModule(model.func, Diagonal(c.latent, constant=True, scale=0.0))
         return model
-
-    def forward(self, batch: Arrays, regularizer: Any, key: int, gen: torch.Generator,
-                train: bool) -> Output:
-        x, y = batch
-        t = torch.tensor([0.0, self.config.t1], dtype=torch.float32)
-        with warnings.catch_warnings():
-            # torchsde warns against adaptive Euler-Maruyama unless noise_type is "additive";
-            # this noise is constant, i.e. additive, only declared "diagonal".
-            warnings.filterwarnings("ignore", EULER_WARNING, UserWarning)
-            sol = self.solve(self.model.sde, self.model.encode(x), t, regularizer, key,
-                             adaptive=True, dt=self.config.dt)
-        logits = self.model.head(sol.ys[-1])
-        return classified(logits, y, sol)

@@ -35,25 +35,51 @@ class ArrayExperiment(TorchExperiment):
         return [(split[0][s], split[1][s]) for s in chunks(len(split[0]), self.config.batch_size)]
 
 
-def _limit(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    return (x[:n], y[:n]) if n > 0 else (x, y)
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def hold_out(x: np.ndarray, y: np.ndarray, test: tuple[np.ndarray, np.ndarray]) -> Splits:
+    """``train``/``val``/``test`` from a training and a test set: validation is a fixed 10% of
+    the training set (a seeded permutation)."""
+    perm = np.random.default_rng(0).permutation(len(x))
+    n_val = max(len(x) // 10, 1)
+    va, tr = perm[:n_val], perm[n_val:]
+    return {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": test}
+
+
+def limited(parts: Splits, n_train: int, n_eval: int) -> Splits:
+    """``parts`` as contiguous arrays, cut to ``n_train`` training and ``n_eval`` evaluation
+    examples (0: all)."""
+    out = {}
+    for k, (xs, ys) in parts.items():
+        n = n_train if k == "train" else n_eval
+        if n > 0:
+            xs, ys = xs[:n], ys[:n]
+        out[k] = (np.ascontiguousarray(xs), np.ascontiguousarray(ys))
+    return out
 
 
 @dataclass
-class DigitsConfig(Config):
-    """``hidden``: width of the vector field's hidden layer. ``t1``: integration time.
-    ``n_train``/``n_eval``: keep only that many training / evaluation examples (0: all)."""
+class ClassifierConfig(Config):
+    """``t1``: integration time. ``n_train``/``n_eval``: keep only that many training /
+    evaluation examples (0: all)."""
 
-    hidden: int = 100
     t1: float = 1.0
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
     n_train: int = 0
     n_eval: int = 0
 
 
-def digits_splits(c: DigitsConfig, data: str | None
-                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+@dataclass
+class DigitsConfig(ClassifierConfig):
+    """``hidden``: width of the vector field's hidden layer; ``val_fraction``/``test_fraction``
+    of scikit-learn's digits."""
+
+    hidden: int = 100
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+
+
+def digits_splits(c: DigitsConfig, data: str | None) -> Splits:
     """The ``train``/``val``/``test`` splits of ``digits-node`` as contiguous NumPy arrays
     ``(x float32 (N, d), y int64 (N,))``: scikit-learn's digits with a fixed 70/15/15 split, or
     MNIST IDX files under ``data`` (validation: a fixed 10% of the training set). Shared by
@@ -64,15 +90,45 @@ def digits_splits(c: DigitsConfig, data: str | None
         parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
     else:
         mnist = D.load_mnist(data)
-        x, y = mnist["train"]
-        perm = np.random.default_rng(0).permutation(len(x))
-        va, tr = perm[: max(len(x) // 10, 1)], perm[max(len(x) // 10, 1):]
-        parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": mnist["test"]}
-    out = {}
-    for k, (xs, ys) in parts.items():
-        xs, ys = _limit(xs, ys, c.n_train if k == "train" else c.n_eval)
-        out[k] = (np.ascontiguousarray(xs), np.ascontiguousarray(ys))
-    return out
+        parts = hold_out(*mnist["train"], mnist["test"])
+    return limited(parts, c.n_train, c.n_eval)
+
+
+class ClassifierExperiment(ArrayExperiment):
+    """Classification by the state at ``config.t1`` of a differential equation started at
+    :meth:`initial` of the input; ``model.head`` maps that state ``(B, d)`` to logits
+    ``(B, classes)``. Subclasses give :meth:`arrays` and ``build_model``; an SDE variant
+    overrides :meth:`solve_to_t1`. Metric: accuracy."""
+
+    metric = "accuracy"
+    higher_is_better = True
+    select_tolerance = 0.01
+    config: ClassifierConfig
+
+    def arrays(self) -> Splits:
+        """The ``train``/``val``/``test`` arrays ``(x float32 (N, d), y int64 (N,))``."""
+        raise NotImplementedError
+
+    def load_data(self) -> dict[str, Any]:
+        out = {k: (torch.from_numpy(xs), torch.from_numpy(ys))
+               for k, (xs, ys) in self.arrays().items()}
+        self.dim = out["train"][0].shape[1]
+        return out
+
+    def initial(self, x: torch.Tensor) -> torch.Tensor:
+        """The initial state ``(B, d)`` for inputs ``x``: the inputs themselves."""
+        return x
+
+    def solve_to_t1(self, z0: torch.Tensor, regularizer: Any, key: int) -> Any:
+        """The solution of ``model.func`` from ``z0`` over ``[0, t1]`` (differentiable)."""
+        t = torch.tensor([0.0, self.config.t1], dtype=torch.float32)
+        return self.solve(self.model.func, z0, t, regularizer, key)
+
+    def forward(self, batch: Arrays, regularizer: Any, key: int, gen: torch.Generator,
+                train: bool) -> Output:
+        x, y = batch
+        sol = self.solve_to_t1(self.initial(x), regularizer, key)
+        return classified(self.model.head(sol.ys[-1]), y, sol)
 
 
 class Classifier(nn.Module):
@@ -85,15 +141,12 @@ class Classifier(nn.Module):
 
 
 @register
-class DigitsNODE(ArrayExperiment):
+class DigitsNODE(ClassifierExperiment):
     """A neural ODE classifier: ``z(1)`` of ``dz/dt = f([z; t])`` with ``z(0) = x``, then a
     linear head. scikit-learn's 8x8 digits by default (70/15/15 split, fixed), real MNIST with
     ``--data DIR`` (IDX files; validation = 10% of the training set)."""
 
     name = "digits-node"
-    metric = "accuracy"
-    higher_is_better = True
-    select_tolerance = 0.01
     lam_defaults: ClassVar[dict[str, str]] = {
         "error": "2.5:1.0", "stiffness": "0.01", "taylor": "6e-5", "rnode": "0.01",
         "steer": "0.5"}
@@ -105,22 +158,11 @@ class DigitsNODE(ArrayExperiment):
     def full_config(cls) -> dict[str, Any]:
         return {"iters": 3000}
 
-    def load_data(self) -> dict[str, Any]:
-        out = {k: (torch.from_numpy(xs), torch.from_numpy(ys))
-               for k, (xs, ys) in digits_splits(self.config, self.data).items()}
-        self.dim = out["train"][0].shape[1]
-        return out
+    def arrays(self) -> Splits:
+        return digits_splits(self.config, self.data)
 
     def build_model(self) -> nn.Module:
         return Classifier(self.dim, self.config.hidden, 10)
-
-    def forward(self, batch: Arrays, regularizer: Any, key: int, gen: torch.Generator,
-                train: bool) -> Output:
-        x, y = batch
-        t = torch.tensor([0.0, self.config.t1], dtype=torch.float32)
-        sol = self.solve(self.model.func, x, t, regularizer, key)
-        logits = self.model.head(sol.ys[-1])
-        return classified(logits, y, sol)
 
 
 @dataclass

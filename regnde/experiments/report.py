@@ -146,6 +146,12 @@ def markdown(results: list[dict[str, Any]], timing: list[dict[str, Any]] | None 
                 f"{_mean_std(pred, 1e3, 2)}{'' if quiet else '*'} | "
                 f"{_ratio(statistics.fmean(pred), base_pred, invert=True)} |")
         lines.append("")
+        shown = {reg: timed.get((experiment, backend, reg), by_reg[reg][0]) for reg in order}
+        compared = local_vs_global(shown)
+        if compared:
+            lines += ["Local vs global with direct backprop (training time = iterations x "
+                      "evaluations per iteration x time per evaluation; equal NFE compares the "
+                      "time per evaluation): " + " ".join(compared), ""]
         if True in sources:
             lines.append("Times without `*`: one seed per method, trained again one run at a "
                          "time with one thread on a quiet machine; prediction is the median "
@@ -155,6 +161,45 @@ def markdown(results: list[dict[str, Any]], timing: list[dict[str, Any]] | None 
                          "shared the machine).")
         lines.append("")
     return "\n".join(lines)
+
+
+#: Rows :func:`local_vs_global` compares: each local regularizer against each global one.
+LOCAL = ("local-error-unbiased", "local-error-biased")
+GLOBAL = ("global-error", "global-stiffness")
+
+
+def training_cost(r: dict[str, Any]) -> tuple[float, float, float] | None:
+    """``(training seconds, forward evaluations per iteration (solve and regularizer), ms per
+    evaluation)`` from the run's ``history.json``; ``None`` where it has none."""
+    path = Path(r.get(RUN_DIR, "")) / HISTORY
+    if RUN_DIR not in r or not path.exists():
+        return None
+    history = json.loads(path.read_text())
+    evals = sum(h["nfe"] + h.get("nfe_reg", 0.0) for h in history)
+    seconds = sum(h["seconds"] for h in history)
+    if not history or not evals:
+        return None
+    return seconds, evals / len(history), 1e3 * seconds / evals
+
+
+def local_vs_global(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """One sentence per local and global row pair of a table: training time split into
+    evaluations per iteration and time per evaluation, and which of the two makes the local
+    regularizer train slower where it does (the issue's "at equal NFE": the time per
+    evaluation). ``runs``: per row, the run whose times the table shows."""
+    out = []
+    for loc in (r for r in LOCAL if r in runs):
+        for glo in (r for r in GLOBAL if r in runs):
+            a, b = training_cost(runs[loc]), training_cost(runs[glo])
+            if a is None or b is None:
+                continue
+            why = [w for w, worse in (("more evaluations per iteration", a[1] > b[1]),
+                                      ("more time per evaluation", a[2] > b[2])) if worse]
+            verdict = "faster" if a[0] < b[0] else f"slower ({' and '.join(why) or 'equal'})"
+            out.append(f"{loc} vs {glo}: {a[0]:.1f} s vs {b[0]:.1f} s of training, "
+                       f"{a[1]:.1f} vs {b[1]:.1f} evaluations per iteration at {a[2]:.2f} vs "
+                       f"{b[2]:.2f} ms each: local trains {verdict}.")
+    return out
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:

@@ -13,8 +13,12 @@ With several coefficient candidates (``--lam 1,3,10``, or ``--sweep-lam``: the d
 coefficient times 0.1, 1 and 10) every candidate trains in its own subdirectory ``lam=<value>``;
 the one with the lowest validation NFE among those whose validation metric is within the
 experiment's tolerance of the vanilla run's (one point of accuracy, 5% of an MSE or NLL) is
-chosen, and only it is evaluated on the test split (:func:`select`). The vanilla run is read
-from ``--baseline DIR``, by default ``../../none/seed<seed>`` beside the run directory.
+chosen, and only it is evaluated on the test split (:func:`select`). ``--sweep-lam`` adds up to
+two candidates where its three do not bracket the choice (:func:`regnde.experiments.specs.
+next_factor`): ten times the largest while that one is chosen and still lowers NFE, else the
+geometric mean of the chosen one and the next larger one that failed the tolerance. The
+vanilla run is read from ``--baseline DIR``, by default ``../../none/seed<seed>`` beside the
+run directory.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
     config = base.make_config(cls, spec.full, spec.iters, spec.overrides)
     lam_text = spec.lam if spec.lam is not None else specs.default_lam(spec.regularizer,
                                                                       cls.lam_defaults)
+    base_lam = lam_text
     if spec.sweep:
         lam_text = specs.sweep_lam(spec.regularizer, lam_text)
     candidates = [c.strip() for c in lam_text.split(",") if c.strip()]
@@ -113,15 +118,31 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
         return done
     out.mkdir(parents=True, exist_ok=True)
 
-    trained = []
-    for lam in candidates:
+    trained: list[dict[str, Any]] = []
+
+    def candidate(lam: str) -> None:
         where = out if len(candidates) == 1 else out / f"lam={_slug(lam)}"
         exp, history, seconds = train(cls, config, backend, spec, lam, where, callback)
-        val = exp.evaluate("val")
-        trained.append({"lam": lam, "dir": str(where), "val": val, "training_seconds": seconds,
-                        "exp": exp, "history": history})
+        trained.append({"lam": lam, "dir": str(where), "val": exp.evaluate("val"),
+                        "training_seconds": seconds, "exp": exp, "history": history})
+
+    for lam in candidates:
+        candidate(lam)
     reference = baseline_metric(spec, out) if len(trained) > 1 else None
-    chosen = select(trained, cls, None if reference is None else reference["metric"])
+    ref_metric = None if reference is None else reference["metric"]
+    if spec.sweep and specs.refinable(spec.regularizer):
+        factors = dict(zip(candidates, specs.SWEEP_FACTORS, strict=True))
+        while len(trained) < len(candidates) + specs.SWEEP_EXTRA:
+            ok = tolerated(trained, cls, ref_metric)
+            points = [(factors[t["lam"]], good, t["val"]["nfe"])
+                      for t, good in zip(trained, ok, strict=True)]
+            factor = specs.next_factor(points, factors[select(trained, cls, ref_metric)["lam"]])
+            if factor is None:
+                break
+            lam = specs.scale_lam(base_lam, factor)
+            factors[lam] = factor
+            candidate(lam)
+    chosen = select(trained, cls, ref_metric)
     exp = chosen["exp"]
     results = {
         "format": RESULTS_FORMAT,
@@ -134,6 +155,7 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
         "data": spec.data or "builtin",
         "lam": chosen["lam"],
         "selection": selection_note(cls, reference, len(trained)),
+        "sweep": specs.SWEEP_RULE if spec.sweep else None,
         "lam_candidates": [{"lam": t["lam"], "dir": t["dir"], "val": t["val"],
                             "training_seconds": t["training_seconds"]} for t in trained],
         "metric": cls.metric,
@@ -174,7 +196,12 @@ def finished(out: Path, spec: RunSpec, backend: str, config: base.Config,
             "config": json.loads(json.dumps(dataclasses.asdict(config)))}  # as stored
     same = {k: stored.get(k) for k in want}
     lams = [c["lam"] for c in stored.get("lam_candidates", [])]
-    if same != want or lams != candidates:  # another run: its checkpoint says so when loaded
+    if spec.sweep:  # the sweep's own candidates follow from the first ones by its rule
+        same_lams = lams[:len(candidates)] == candidates and \
+            stored.get("sweep") == specs.SWEEP_RULE
+    else:
+        same_lams = lams == candidates
+    if same != want or not same_lams:  # another run: its checkpoint says so when loaded
         return None
     return {**stored, "complete": True}
 
@@ -187,13 +214,22 @@ def select(trained: list[dict[str, Any]], cls: type[base.Experiment],
     select_tolerance`, relative with ``select_relative``). If none qualifies, the one with the
     best validation metric. Never looks at the test split."""
     sign = 1.0 if cls.higher_is_better else -1.0
-    ref = max(sign * t["val"]["metric"] for t in trained) if reference is None \
-        else sign * reference
-    slack = cls.select_tolerance * (abs(ref) if cls.select_relative else 1.0)
-    ok = [t for t in trained if sign * t["val"]["metric"] >= ref - slack]
+    ok = [t for t, good in zip(trained, tolerated(trained, cls, reference), strict=True)
+          if good]
     if not ok:
         return max(trained, key=lambda t: (sign * t["val"]["metric"], -t["val"]["nfe"]))
     return min(ok, key=lambda t: (t["val"]["nfe"], -sign * t["val"]["metric"]))
+
+
+def tolerated(trained: list[dict[str, Any]], cls: type[base.Experiment],
+              reference: float | None = None) -> list[bool]:
+    """Per candidate, whether its validation metric is within the experiment's tolerance of
+    ``reference`` (``None``: of the best candidate's); see :func:`select`."""
+    sign = 1.0 if cls.higher_is_better else -1.0
+    ref = max(sign * t["val"]["metric"] for t in trained) if reference is None \
+        else sign * reference
+    slack = cls.select_tolerance * (abs(ref) if cls.select_relative else 1.0)
+    return [sign * t["val"]["metric"] >= ref - slack for t in trained]
 
 
 def baseline_metric(spec: RunSpec, out: Path) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ Both need the ``torchsde`` backend (``regnde.backends()``); without it they rais
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,8 +22,8 @@ from torch import nn
 
 import regnde
 from regnde.experiments.base import Config, register
-from regnde.experiments.node import Classifier, DigitsConfig, DigitsNODE
-from regnde.experiments.torch_common import Output, TimeMLP, TorchExperiment, classified
+from regnde.experiments.node import Classifier, ClassifierExperiment, DigitsConfig, DigitsNODE
+from regnde.experiments.torch_common import Output, TimeMLP, TorchExperiment
 
 SPIRAL_A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
 
@@ -178,30 +179,44 @@ class DigitsSDEConfig(DigitsConfig):
     dt: float = 0.05
 
 
-@register
-class DigitsNSDE(DigitsNODE):
-    """The digits classifier as a neural SDE with learned constant diagonal noise."""
+#: The start of torchsde's warning about adaptive Euler-Maruyama with non-additive noise.
+EULER_WARNING = "Numerical solution is not guaranteed to converge"
 
-    name = "digits-nsde"
-    backends = ("torchsde",)
-    config_class = DigitsSDEConfig
-    config: DigitsSDEConfig  # type: ignore[assignment]
-    lam_defaults: ClassVar[dict[str, str]] = {
-        "error": "1000", "stiffness": "0.01", "taylor": "6e-5", "rnode": "0.01", "steer": "0.5"}
+
+class SDEClassifier(ClassifierExperiment):
+    """A classifier whose state at ``t1`` is one sampled path of ``model.sde`` (torchsde,
+    adaptive from ``config.dt``); mixed in before an ODE classifier, whose data and head it
+    keeps."""
+
+    config: Any  # the ODE classifier's configuration with torchsde's ``method`` and ``dt``
 
     @classmethod
     def check_available(cls, backend: str) -> None:
         _need_torchsde(cls.name, backend)
 
+    def solve_to_t1(self, z0: torch.Tensor, regularizer: Any, key: int) -> Any:
+        """One sampled path of ``model.sde`` from ``z0`` over ``[0, t1]`` (differentiable)."""
+        t = torch.tensor([0.0, self.config.t1], dtype=torch.float32)
+        with warnings.catch_warnings():
+            # torchsde warns against adaptive Euler-Maruyama unless noise_type is "additive";
+            # the classifiers' noise is constant, i.e. additive, only declared "diagonal".
+            warnings.filterwarnings("ignore", EULER_WARNING, UserWarning)
+            return self.solve(self.model.sde, z0, t, regularizer, key, adaptive=True,
+                              dt=self.config.dt)
+
+
+@register
+class DigitsNSDE(SDEClassifier, DigitsNODE):
+    """The digits classifier as a neural SDE with learned constant diagonal noise."""
+
+    name = "digits-nsde"
+    backends = ("torchsde",)
+    config_class = DigitsSDEConfig
+    config: DigitsSDEConfig
+    lam_defaults: ClassVar[dict[str, str]] = {
+        "error": "1000", "stiffness": "0.01", "taylor": "6e-5", "rnode": "0.01", "steer": "0.5"}
+
     def build_model(self) -> nn.Module:
         model = Classifier(self.dim, self.config.hidden, 10)
         model.sde = SDEModule(model.func, Diagonal(self.dim, constant=True, scale=0.0))
         return model
-
-    def forward(self, batch: Any, regularizer: Any, key: int, gen: torch.Generator,
-                train: bool) -> Output:
-        x, y = batch
-        t = torch.tensor([0.0, self.config.t1], dtype=torch.float32)
-        sol = self.solve(self.model.sde, x, t, regularizer, key, adaptive=True,
-                         dt=self.config.dt)
-        return classified(self.model.head(sol.ys[-1]), y, sol)

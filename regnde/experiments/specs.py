@@ -268,6 +268,15 @@ def default_lam(spec: str, defaults: dict[str, str]) -> str:
 
 #: The factors :func:`sweep_lam` applies to an experiment's default coefficient: two decades.
 SWEEP_FACTORS = (0.1, 1.0, 10.0)
+#: How many candidates ``--sweep-lam`` may add to those of :data:`SWEEP_FACTORS` where they do
+#: not bracket the choice (:func:`next_factor`).
+SWEEP_EXTRA = 2
+#: The sweep's rule as ``results.json`` records it (a run swept by another rule is not reused).
+SWEEP_RULE = ("x0.1, x1, x10 the default; then up to 2 more: x10 past the largest while it is "
+              "chosen and lowers NFE, else the geometric mean of the chosen candidate and the "
+              "next larger one that failed the tolerance with a lower NFE")
+#: :func:`next_factor` stops refining once the chosen candidate's neighbour is this close.
+SWEEP_FINEST = 2.0
 #: Families whose coefficient is not a weight to scale by decades: their sweep's candidates,
 #: as many as :data:`SWEEP_FACTORS`. STEER's coefficient is the half-width of the end time's
 #: interval as a fraction of the last interval, so it lies in (0, 1).
@@ -285,7 +294,7 @@ def scale_lam(lam: str, factor: float) -> str:
                              f"not a coefficient. Drop --sweep-lam or the budget.")
         head, values = ("cos:", text[4:]) if text.startswith("cos:") else ("", text)
         try:
-            scaled = [f"{float(v) * factor:g}" for v in values.split(":")]
+            scaled = [f"{float(f'{float(v) * factor:.3g}'):g}" for v in values.split(":")]
         except ValueError:
             raise ValueError(f"bad coefficient {text!r} in a sweep: use X, X:Y or cos:X:Y.")\
                 from None
@@ -315,3 +324,38 @@ def sweep_lam(spec: str, base_lam: str, factors: tuple[float, ...] = SWEEP_FACTO
         per_term.append(list(grid) if grid is not None
                         else [scale_lam(lam, f) for f in factors])
     return ",".join("+".join(values) for values in zip(*per_term, strict=True))
+
+
+def refinable(spec: str) -> bool:
+    """Whether ``--sweep-lam`` may add candidates to ``spec``'s sweep: every term's coefficient
+    is a weight scaled by decades (not a family grid of :data:`FAMILY_SWEEPS`)."""
+    terms = parse_regularizer(spec)
+    return bool(terms) and all(t.family not in FAMILY_SWEEPS for t in terms)
+
+
+def next_factor(points: list[tuple[float, bool, float]], chosen: float) -> float | None:
+    """The factor of the sweep's next candidate, or ``None`` when the sweep brackets its choice.
+
+    Args:
+        points: one ``(factor, within tolerance, validation NFE)`` per trained candidate.
+        chosen: the factor of the candidate the rule chose (:func:`regnde.experiments.runner.
+            select`).
+
+    The chosen candidate is the largest and lowered NFE below its smaller neighbour's (or has
+    none): ``chosen * 10``, since a larger coefficient may still be within the tolerance.
+    Otherwise, when the next larger candidate failed the tolerance at a lower NFE and lies more
+    than :data:`SWEEP_FINEST` times above: their geometric mean, since the transition lies
+    between them. A chosen candidate outside the tolerance (none qualified) is not refined.
+    """
+    by_factor = sorted(points)
+    here = next(p for p in by_factor if p[0] == chosen)
+    if not here[1]:
+        return None
+    larger = [p for p in by_factor if p[0] > chosen]
+    if not larger:
+        smaller = [p for p in by_factor if p[0] < chosen]
+        return chosen * 10.0 if not smaller or here[2] < smaller[-1][2] else None
+    up = larger[0]
+    if not up[1] and up[2] < here[2] and up[0] > SWEEP_FINEST * chosen:
+        return (chosen * up[0]) ** 0.5
+    return None
