@@ -575,6 +575,47 @@ def test_physionet_loader_rejects_bad_files(tmp_path):
         data.load_physionet(tmp_path)
 
 
+def test_synthetic_series_noise_is_seeded_gaussian_on_observed_values_only():
+    clean = data.irregular_series(300, 20, 3, seed=4)
+    noisy = data.irregular_series(300, 20, 3, seed=4, noise=0.1)
+    again = data.irregular_series(300, 20, 3, seed=4, noise=0.1)
+    other = data.irregular_series(300, 20, 3, seed=5, noise=0.1)
+    resid = []
+    for (_, t0, v0, m0), (_, t1, v1, m1), (_, _, v2, _) in zip(
+            clean.items, noisy.items, again.items, strict=True):
+        # the noiseless series, times and masks do not depend on the noise
+        np.testing.assert_array_equal(t0, t1)
+        np.testing.assert_array_equal(m0, m1)
+        np.testing.assert_array_equal(v1, v2)
+        assert np.all(v1[m1 == 0] == 0)
+        resid.append((v1 - v0)[m1 > 0])
+    r = np.concatenate(resid)
+    assert r.size > 10_000
+    assert abs(r.std() - 0.1) < 0.004 and abs(r.mean()) < 0.004
+    # Gaussian: about 68.3% within one standard deviation (not uniform: 57.7%)
+    assert abs(np.mean(np.abs(r) < 0.1) - 0.683) < 0.02
+    assert not np.array_equal(noisy.items[0][2], other.items[0][2])
+
+
+def test_latent_ode_noise_setting_reaches_the_data(tmp_path, monkeypatch):
+    made: list[data.Records] = []
+    original = data.irregular_series
+
+    def spy(*args, **kw):
+        made.append(original(*args, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(data, "irregular_series", spy)
+    spec = tiny_spec("latent-ode", tmp_path / "run")
+    spec.overrides["noise"] = "0.2"
+    res = runner.run(spec)
+    assert res["config"]["noise"] == 0.2 and len(made) == 3
+    clean = original(16, 5, 3, 0)  # the training split, noiseless
+    r = np.concatenate([(v - v0)[m > 0] for (_, _, v, m), (_, _, v0, _)
+                        in zip(made[0].items, clean.items, strict=True)])
+    assert 0.1 < r.std() < 0.3
+
+
 def test_miniboone_loader(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "miniboone").mkdir()
@@ -685,3 +726,23 @@ def test_steer_runs_end_to_end_and_changes_training_only(tmp_path):
     plain = json.loads((tmp_path / "p" / "history.json").read_text())
     # same weights and batch at iteration 0: only the random end time differs
     assert steer[0]["task_loss"] != plain[0]["task_loss"]
+
+
+def test_a_setting_added_later_keeps_the_runs_made_without_it(tmp_path, monkeypatch):
+    """A run whose stored configuration lacks a setting (made before it existed) is the same
+    run as one with that setting at its default: reused, and its checkpoint resumed."""
+    spec = tiny_spec("toy-cubic", tmp_path, "global-error", iters=2)
+    first = runner.run(spec)
+    stored = read_results(tmp_path)
+    del stored["config"]["range"]  # as if written before `range` existed
+    (tmp_path / "results.json").write_text(json.dumps(stored))
+    state, meta = checkpoint.load(tmp_path / "checkpoint.pt")
+    del meta["identity"]["config"]["range"]
+    checkpoint.save(tmp_path / "checkpoint.pt", state, meta)
+    again = runner.run(spec)
+    assert again["complete"] is True and again["test"] == first["test"]
+    (tmp_path / "results.json").unlink()  # evaluated again from the resumed checkpoint
+    assert runner.run(spec)["test"]["metric"] == first["test"]["metric"]
+    other = dataclasses.replace(spec, overrides={**spec.overrides, "range": "1.0"})
+    with pytest.raises(CheckpointError, match="range"):  # at another value: another run
+        runner.run(other)

@@ -280,7 +280,7 @@ def toy_2d(name: str, n: int, seed: int) -> np.ndarray:
 
 def irregular_series(n: int, n_points: int, dim: int, seed: int, horizon: float = 4.0,
                      freq: tuple[float, float] = (0.5, 1.0), missing: float = 0.3,
-                     decay: float = 0.0) -> Records:
+                     decay: float = 0.0, noise: float = 0.0) -> Records:
     """Synthetic irregular series: one oscillator per series, seen by every feature.
 
     Each series has a random frequency (uniform in ``freq``, in half cycles per unit time),
@@ -289,8 +289,10 @@ def irregular_series(n: int, n_points: int, dim: int, seed: int, horizon: float 
     so all features of a series are linear in one two-dimensional rotation and a model must infer
     the frequency, amplitude and phase from the observations. The series are observed at
     ``n_points`` random times of a grid of 100 in ``(0, horizon]`` with features missing at
-    random (fraction ``missing``; every time keeps at least one). Values lie in ``[0, 1]``,
-    like normalised PhysioNet.
+    random (fraction ``missing``; every time keeps at least one). Noiseless values lie in
+    ``[0, 1]``, like normalised PhysioNet; ``noise`` adds independent Gaussian noise of that
+    standard deviation to every observed value (unclipped), drawn from a generator of its own so
+    that the noiseless part of the series does not depend on ``noise``.
 
     The defaults (one to two undamped periods over a horizon of 4) are what ``latent-ode``
     learns in a few hundred iterations with its NFE growing; the former series (each feature
@@ -298,6 +300,7 @@ def irregular_series(n: int, n_points: int, dim: int, seed: int, horizon: float 
     mean only.
     """
     rng = np.random.default_rng(seed)
+    noise_rng = np.random.default_rng((seed, 1))
     offsets = 2 * np.pi * np.arange(dim) / dim
     items = []
     for i in range(n):
@@ -309,6 +312,7 @@ def irregular_series(n: int, n_points: int, dim: int, seed: int, horizon: float 
         rate = rng.uniform(0.0, decay) / horizon
         vals = 0.5 + 0.45 * amp * np.exp(-rate * tt[:, None]) * np.sin(
             f * np.pi * tt[:, None] + phase + offsets)
+        vals = vals + noise * noise_rng.standard_normal(vals.shape)
         mask = (rng.uniform(size=vals.shape) >= missing).astype(np.float64)
         mask[np.arange(n_points), rng.integers(0, dim, n_points)] = 1.0
         items.append((f"synthetic-{i}", tt, vals * mask, mask))

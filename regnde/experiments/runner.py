@@ -195,6 +195,7 @@ def finished(out: Path, spec: RunSpec, backend: str, config: base.Config,
             "iterations": config.iters,
             "config": json.loads(json.dumps(dataclasses.asdict(config)))}  # as stored
     same = {k: stored.get(k) for k in want}
+    same["config"] = with_new_settings(dataclasses.asdict(type(config)()), stored.get("config"))
     lams = [c["lam"] for c in stored.get("lam_candidates", [])]
     if spec.sweep:  # the sweep's own candidates follow from the first ones by its rule
         same_lams = lams[:len(candidates)] == candidates and \
@@ -204,6 +205,16 @@ def finished(out: Path, spec: RunSpec, backend: str, config: base.Config,
     if same != want or not same_lams:  # another run: its checkpoint says so when loaded
         return None
     return {**stored, "complete": True}
+
+
+def with_new_settings(defaults: dict[str, Any], stored: Any) -> Any:
+    """A stored configuration with the settings added to the experiment since it was written
+    filled in at their defaults (a run made before a setting existed ran as its default
+    does), so that a new setting does not orphan the runs made without it."""
+    if not isinstance(stored, dict):
+        return stored
+    return {**{k: v for k, v in json.loads(json.dumps(defaults)).items() if k not in stored},
+            **stored}
 
 
 def select(trained: list[dict[str, Any]], cls: type[base.Experiment],
@@ -290,7 +301,11 @@ def train(cls: type[base.Experiment], config: base.Config, backend: str, spec: R
     saved = None
     if ckpt.exists():
         saved = checkpoint.load(ckpt)
-        check_identity(ckpt, saved[1].get("identity"), ident)
+        found = saved[1].get("identity")
+        if isinstance(found, dict) and isinstance(found.get("config"), dict):
+            found = {**found, "config": with_new_settings(dataclasses.asdict(type(config)()),
+                                                          found["config"])}
+        check_identity(ckpt, found, ident)
     exp.setup()
     history: list[dict[str, Any]] = []
     start, seconds = 0, 0.0
