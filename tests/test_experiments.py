@@ -131,6 +131,27 @@ def test_sde_experiments_with_a_stand_in_solver(tmp_path, monkeypatch, experimen
     assert any("diffusion" in k for k in params)
 
 
+@pytest.mark.skipif("torchsde" not in regnde.backends(), reason="needs the torchsde backend")
+def test_spiral_sde_evaluates_with_eval_paths(tmp_path, monkeypatch):
+    """Training samples ``paths`` trajectories per solve, evaluation ``eval_paths`` (so the
+    validation metric that picks lambda is not dominated by Monte-Carlo noise)."""
+    from regnde.experiments.torch_common import TorchExperiment
+
+    seen: list[tuple[bool, int]] = []
+    solve = TorchExperiment.solve
+
+    def recording(self, f, y0, *args, **kw):
+        seen.append((self.model.training, y0.shape[0]))
+        return solve(self, f, y0, *args, **kw)
+
+    monkeypatch.setattr(TorchExperiment, "solve", recording)
+    spec = tiny_spec("spiral-sde", tmp_path, "none")
+    res = runner.run(dataclasses.replace(spec, overrides={**spec.overrides, "eval_paths": "24"}))
+    assert [n for training, n in seen if training] == [8, 8]
+    assert [n for training, n in seen if not training] == [24, 24, 24]  # train, val, test
+    assert np.isfinite(res["val"]["metric"])
+
+
 def test_none_ignores_coefficients_and_costs_nothing(tmp_path):
     res = runner.run(tiny_spec("toy-cubic", tmp_path, "none", lam="5,6"))
     assert res["lam"] == "0" and len(res["lam_candidates"]) == 1
