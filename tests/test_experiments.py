@@ -259,6 +259,12 @@ def test_selection_compares_with_the_vanilla_run():
            {"lam": "c", "val": {"metric": 1.06, "nfe": 14}}]
     assert runner.select(mse, Mse, reference=1.0)["lam"] == "b"  # 5% of vanilla's MSE
     assert runner.select(mse, Mse, reference=1.02)["lam"] == "c"
+    # of equal NFE (a floor), the weakest coefficient, whatever the noise in their metrics
+    floor = [{"lam": "100", "val": {"metric": 0.57, "nfe": 20}},
+             {"lam": "10", "val": {"metric": 0.55, "nfe": 20}},
+             {"lam": "1", "val": {"metric": 0.58, "nfe": 26}}]
+    assert runner.select(floor, Acc, reference=0.56)["lam"] == "10"
+    assert runner.strength("cos:1:2+0.01") == (1.0, 2.0, 0.01)
 
 
 def test_sweep_lam_scales_every_coefficient():

@@ -211,14 +211,23 @@ def select(trained: list[dict[str, Any]], cls: type[base.Experiment],
     """The candidate with the lowest validation NFE among those whose validation metric is no
     worse than ``reference`` (the vanilla run's validation metric; ``None``: the best
     candidate's) by more than the experiment's tolerance (:attr:`base.Experiment.
-    select_tolerance`, relative with ``select_relative``). If none qualifies, the one with the
-    best validation metric. Never looks at the test split."""
+    select_tolerance`, relative with ``select_relative``); of several at that NFE, the weakest
+    coefficient (a stronger one buys no NFE and only biases the model further; their validation
+    metrics differ by the split's noise). If none qualifies, the one with the best validation
+    metric. Never looks at the test split."""
     sign = 1.0 if cls.higher_is_better else -1.0
     ok = [t for t, good in zip(trained, tolerated(trained, cls, reference), strict=True)
           if good]
     if not ok:
         return max(trained, key=lambda t: (sign * t["val"]["metric"], -t["val"]["nfe"]))
-    return min(ok, key=lambda t: (t["val"]["nfe"], -sign * t["val"]["metric"]))
+    return min(ok, key=lambda t: (t["val"]["nfe"], strength(t["lam"]),
+                                  -sign * t["val"]["metric"]))
+
+
+def strength(lam: str) -> tuple[float, ...]:
+    """The coefficients in a ``--lam`` candidate, in order (``"cos:1:2+0.01"`` -> ``(1, 2,
+    0.01)``): candidates of one sweep are scaled alike, so this orders them by strength."""
+    return tuple(float(x) for x in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", lam))
 
 
 def tolerated(trained: list[dict[str, Any]], cls: type[base.Experiment],
@@ -262,7 +271,8 @@ def selection_note(cls: type[base.Experiment], reference: dict[str, Any] | None,
            else f"{cls.select_tolerance:g} of")
     against = "the vanilla run's" if reference is not None else "the best candidate's (no " \
         "vanilla run found)"
-    return {"rule": f"lowest validation NFE within {tol} {against} validation {cls.metric}",
+    return {"rule": f"lowest validation NFE within {tol} {against} validation {cls.metric}; "
+                    f"of equal NFE the weakest coefficient",
             "reference": reference}
 
 

@@ -274,7 +274,8 @@ SWEEP_EXTRA = 2
 #: The sweep's rule as ``results.json`` records it (a run swept by another rule is not reused).
 SWEEP_RULE = ("x0.1, x1, x10 the default; then up to 2 more: x10 past the largest while it is "
               "chosen and lowers NFE, else the geometric mean of the chosen candidate and the "
-              "next larger one that failed the tolerance with a lower NFE")
+              "next larger one that failed the tolerance with a lower NFE; of equal NFE the "
+              "weakest coefficient")
 #: :func:`next_factor` stops refining once the chosen candidate's neighbour is this close.
 SWEEP_FINEST = 2.0
 #: Families whose coefficient is not a weight to scale by decades: their sweep's candidates,
