@@ -282,20 +282,24 @@ def test_sweep_lam_scales_every_coefficient():
 
 def test_sweep_adds_candidates_only_where_it_does_not_bracket_the_choice():
     # (factor, within tolerance, validation NFE)
-    # the largest is chosen and still lowers NFE: a decade further
-    assert specs.next_factor([(0.1, True, 80), (1, True, 60), (10, True, 40)], 10) == 100
-    assert specs.next_factor([(1, True, 60)], 1) == 10
-    # the largest is chosen but NFE stopped falling (a floor): nothing to gain further up
-    assert specs.next_factor([(0.1, True, 80), (1, True, 40), (10, True, 40)], 10) is None
-    # the transition lies between the chosen one and a larger failing one: their middle
-    mid = specs.next_factor([(0.1, True, 80), (1, False, 40), (10, False, 20)], 0.1)
+    # the strongest is within the tolerance and still lowers NFE: a decade further
+    assert specs.next_factor([(0.1, True, 80), (1, True, 60), (10, True, 40)]) == 100
+    assert specs.next_factor([(1, True, 60)]) == 10
+    # the strongest is within but NFE stopped falling (a floor): nothing to gain further up
+    assert specs.next_factor([(0.1, True, 80), (1, True, 40), (10, True, 40)]) is None
+    # the edge of the tolerance lies between the strongest within and the next one: middle
+    mid = specs.next_factor([(0.1, True, 80), (1, False, 40), (10, False, 20)])
     assert mid == pytest.approx(0.1 * 10**0.5)
+    # ... also where a weaker candidate ties the strongest within at its NFE (mnist1d-node's
+    # global error: 0.1 and 1 at 26, 10 outside at 20)
+    assert specs.next_factor([(0.1, True, 26), (1, True, 26), (10, False, 20)]) == \
+        pytest.approx(10**0.5)
     # ... refined down to a factor SWEEP_FINEST apart, then not any more
-    assert specs.next_factor([(0.1, True, 80), (0.178, False, 70)], 0.1) is None
-    # a larger candidate that failed without saving NFE does not point at a transition
-    assert specs.next_factor([(0.1, True, 80), (1, False, 85)], 0.1) is None
-    # no candidate within the tolerance: the most accurate is reported, nothing refined
-    assert specs.next_factor([(0.1, False, 80), (1, False, 40)], 0.1) is None
+    assert specs.next_factor([(0.1, True, 80), (0.178, False, 70)]) is None
+    # a stronger candidate outside the tolerance without a lower NFE points at no edge
+    assert specs.next_factor([(0.1, True, 80), (1, False, 85)]) is None
+    # no candidate within the tolerance: the most accurate is reported, nothing added
+    assert specs.next_factor([(0.1, False, 80), (1, False, 40)]) is None
     assert specs.refinable("global-error+rnode") and not specs.refinable("global-error+steer")
     assert specs.scale_lam("0.2", 10**0.5) == "0.632" and specs.scale_lam("2", 100) == "200"
 

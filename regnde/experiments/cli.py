@@ -63,8 +63,9 @@ def add_parsers(subparsers: Any) -> None:
                              "(--lam ratio:R)")
     p.add_argument("--sweep-lam", action="store_true", dest="sweep",
                    help="train the coefficient (--lam, or the experiment's default) times 0.1, "
-                        "1 and 10 (and up to two more where these do not bracket the choice: "
-                        "x10 past the largest, or between the chosen one and the next larger) "
+                        "1 and 10 (and up to two more where these do not bracket the edge of "
+                        "the tolerance: x10 past the strongest within it, or between that one "
+                        "and the next stronger) "
                         "and keep the one with the lowest validation NFE within 1 point of "
                         "accuracy (5%% of MSE/NLL) of the vanilla run's")
     p.add_argument("--baseline", type=Path, default=None, metavar="DIR",

@@ -15,8 +15,8 @@ the one with the lowest validation NFE among those whose validation metric is wi
 experiment's tolerance of the vanilla run's (one point of accuracy, 5% of an MSE or NLL) is
 chosen, and only it is evaluated on the test split (:func:`select`). ``--sweep-lam`` adds up to
 two candidates where its three do not bracket the choice (:func:`regnde.experiments.specs.
-next_factor`): ten times the largest while that one is chosen and still lowers NFE, else the
-geometric mean of the chosen one and the next larger one that failed the tolerance. The
+next_factor`): ten times the strongest one within the tolerance while it still lowers NFE,
+else the geometric mean of that one and the next stronger one, outside the tolerance. The
 vanilla run is read from ``--baseline DIR``, by default ``../../none/seed<seed>`` beside the
 run directory.
 """
@@ -136,7 +136,7 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
             ok = tolerated(trained, cls, ref_metric)
             points = [(factors[t["lam"]], good, t["val"]["nfe"])
                       for t, good in zip(trained, ok, strict=True)]
-            factor = specs.next_factor(points, factors[select(trained, cls, ref_metric)["lam"]])
+            factor = specs.next_factor(points)
             if factor is None:
                 break
             lam = specs.scale_lam(base_lam, factor)

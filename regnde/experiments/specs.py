@@ -272,11 +272,11 @@ SWEEP_FACTORS = (0.1, 1.0, 10.0)
 #: not bracket the choice (:func:`next_factor`).
 SWEEP_EXTRA = 2
 #: The sweep's rule as ``results.json`` records it (a run swept by another rule is not reused).
-SWEEP_RULE = ("x0.1, x1, x10 the default; then up to 2 more: x10 past the largest while it is "
-              "chosen and lowers NFE, else the geometric mean of the chosen candidate and the "
-              "next larger one that failed the tolerance with a lower NFE; of equal NFE the "
-              "weakest coefficient")
-#: :func:`next_factor` stops refining once the chosen candidate's neighbour is this close.
+SWEEP_RULE = ("x0.1, x1, x10 the default; then up to 2 more: x10 past the strongest while it "
+              "is within the tolerance and lowers NFE, else the geometric mean of the strongest "
+              "within and the next stronger one outside it, where that one's NFE is lower; of "
+              "equal NFE the weakest coefficient")
+#: :func:`next_factor` stops refining once the edge of the tolerance is bracketed this tightly.
 SWEEP_FINEST = 2.0
 #: Families whose coefficient is not a weight to scale by decades: their sweep's candidates,
 #: as many as :data:`SWEEP_FACTORS`. STEER's coefficient is the half-width of the end time's
@@ -334,29 +334,30 @@ def refinable(spec: str) -> bool:
     return bool(terms) and all(t.family not in FAMILY_SWEEPS for t in terms)
 
 
-def next_factor(points: list[tuple[float, bool, float]], chosen: float) -> float | None:
-    """The factor of the sweep's next candidate, or ``None`` when the sweep brackets its choice.
+def next_factor(points: list[tuple[float, bool, float]]) -> float | None:
+    """The factor of the sweep's next candidate, or ``None`` when the sweep brackets the edge of
+    the tolerance.
 
     Args:
         points: one ``(factor, within tolerance, validation NFE)`` per trained candidate.
-        chosen: the factor of the candidate the rule chose (:func:`regnde.experiments.runner.
-            select`).
 
-    The chosen candidate is the largest and lowered NFE below its smaller neighbour's (or has
-    none): ``chosen * 10``, since a larger coefficient may still be within the tolerance.
-    Otherwise, when the next larger candidate failed the tolerance at a lower NFE and lies more
-    than :data:`SWEEP_FINEST` times above: their geometric mean, since the transition lies
-    between them. A chosen candidate outside the tolerance (none qualified) is not refined.
+    With ``P`` the strongest candidate within the tolerance: where no stronger one was
+    trained and ``P`` still lowered NFE below its weaker neighbour's (or has none),
+    ``P`` times 10, since a stronger coefficient may still be within the tolerance; where the
+    next stronger candidate failed the tolerance at an NFE below every passing one's and lies
+    more than :data:`SWEEP_FINEST` times above ``P``, their geometric mean, since the edge lies
+    between them. Without a candidate within the tolerance nothing is added.
     """
     by_factor = sorted(points)
-    here = next(p for p in by_factor if p[0] == chosen)
-    if not here[1]:
+    passing = [p for p in by_factor if p[1]]
+    if not passing:
         return None
-    larger = [p for p in by_factor if p[0] > chosen]
-    if not larger:
-        smaller = [p for p in by_factor if p[0] < chosen]
-        return chosen * 10.0 if not smaller or here[2] < smaller[-1][2] else None
-    up = larger[0]
-    if not up[1] and up[2] < here[2] and up[0] > SWEEP_FINEST * chosen:
-        return (chosen * up[0]) ** 0.5
+    top = passing[-1]
+    stronger = [p for p in by_factor if p[0] > top[0]]
+    if not stronger:
+        weaker = [p for p in by_factor if p[0] < top[0]]
+        return top[0] * 10.0 if not weaker or top[2] < weaker[-1][2] else None
+    edge = stronger[0]
+    if edge[2] < min(p[2] for p in passing) and edge[0] > SWEEP_FINEST * top[0]:
+        return (top[0] * edge[0]) ** 0.5
     return None
