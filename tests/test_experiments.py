@@ -692,6 +692,12 @@ def test_report_takes_times_from_timing_runs(tmp_path):
     timed = read_results(tmp_path / "timing" / "global-error" / "s0")
     row = next(line for line in both.splitlines() if line.startswith("| global-error"))
     assert f"| {timed['training_seconds']:.1f} |" in row
+    # a timing run at another coefficient than the table's is not this row's time
+    runner.run(tiny_spec("toy-cubic", tmp_path / "timing2" / "global-error" / "s0",
+                         "global-error", lam="3"))
+    other = report([tmp_path / "runs"], timing=[tmp_path / "timing2"])
+    row = next(line for line in other.splitlines() if line.startswith("| global-error"))
+    assert "*" in row
 
 
 def test_report_splits_local_vs_global_training_time(tmp_path):

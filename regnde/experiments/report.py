@@ -98,7 +98,8 @@ def markdown(results: list[dict[str, Any]], timing: list[dict[str, Any]] | None 
 
     ``timing``: runs made for timing alone (one seed per regularizer, one run at a time on a
     quiet machine, see ``benchmarks/experiments.py --timing``); where one exists for an
-    experiment and regularizer, the time columns come from it, else from the table's runs."""
+    experiment and regularizer at the table's coefficient, the time columns come from it, else
+    from the table's runs."""
     timed = {(r["experiment"], r["backend"], method(r)): r for r in timing or []}
     lines = []
     for (experiment, backend), by_reg in sorted(group(results).items()):
@@ -109,10 +110,15 @@ def markdown(results: list[dict[str, Any]], timing: list[dict[str, Any]] | None 
         scale = 100.0 if pct else 1.0
         digits = 2 if pct else 4
 
-        def times(reg: str, group: tuple[str, str] = (experiment, backend),
-                  by_reg: dict[str, list[dict[str, Any]]] = by_reg
-                  ) -> tuple[list[float], list[float], bool]:
+        def timed_run(reg: str, group: tuple[str, str] = (experiment, backend),
+                      by_reg: dict[str, list[dict[str, Any]]] = by_reg) -> dict | None:
+            """The timing run of this row, if one was made at the table's coefficient."""
             t = timed.get((*group, reg))
+            return t if t is not None and t["lam"] in {r["lam"] for r in by_reg[reg]} else None
+
+        def times(reg: str, by_reg: dict[str, list[dict[str, Any]]] = by_reg
+                  ) -> tuple[list[float], list[float], bool]:
+            t = timed_run(reg)
             rs = [t] if t is not None else by_reg[reg]
             return ([r["training_seconds"] for r in rs], [_pred_seconds(r) for r in rs],
                     t is not None)
@@ -146,7 +152,7 @@ def markdown(results: list[dict[str, Any]], timing: list[dict[str, Any]] | None 
                 f"{_mean_std(pred, 1e3, 2)}{'' if quiet else '*'} | "
                 f"{_ratio(statistics.fmean(pred), base_pred, invert=True)} |")
         lines.append("")
-        shown = {reg: timed.get((experiment, backend, reg), by_reg[reg][0]) for reg in order}
+        shown = {reg: timed_run(reg) or by_reg[reg][0] for reg in order}
         compared = local_vs_global(shown)
         if compared:
             lines += ["Local vs global with direct backprop (training time = iterations x "
