@@ -698,6 +698,11 @@ def test_report_takes_times_from_timing_runs(tmp_path):
     other = report([tmp_path / "runs"], timing=[tmp_path / "timing2"])
     row = next(line for line in other.splitlines() if line.startswith("| global-error"))
     assert "*" in row
+    # ... nor one made with another configuration
+    spec = tiny_spec("toy-cubic", tmp_path / "timing3" / "none" / "s0")
+    runner.run(dataclasses.replace(spec, overrides={**spec.overrides, "range": "1.5"}))
+    other = report([tmp_path / "runs"], timing=[tmp_path / "timing3"])
+    assert "| none | 1 | – |" in other and "*" in other.split("| none | 1 | – |")[1].split("\n")[0]
 
 
 def test_report_splits_local_vs_global_training_time(tmp_path):

@@ -98,8 +98,8 @@ def markdown(results: list[dict[str, Any]], timing: list[dict[str, Any]] | None 
 
     ``timing``: runs made for timing alone (one seed per regularizer, one run at a time on a
     quiet machine, see ``benchmarks/experiments.py --timing``); where one exists for an
-    experiment and regularizer at the table's coefficient, the time columns come from it, else
-    from the table's runs."""
+    experiment and regularizer at the table's coefficient and configuration, the time columns
+    come from it, else from the table's runs."""
     timed = {(r["experiment"], r["backend"], method(r)): r for r in timing or []}
     lines = []
     for (experiment, backend), by_reg in sorted(group(results).items()):
@@ -112,9 +112,13 @@ def markdown(results: list[dict[str, Any]], timing: list[dict[str, Any]] | None 
 
         def timed_run(reg: str, group: tuple[str, str] = (experiment, backend),
                       by_reg: dict[str, list[dict[str, Any]]] = by_reg) -> dict | None:
-            """The timing run of this row, if one was made at the table's coefficient."""
+            """The timing run of this row, if one was made at the table's coefficient and
+            configuration."""
             t = timed.get((*group, reg))
-            return t if t is not None and t["lam"] in {r["lam"] for r in by_reg[reg]} else None
+            rs = by_reg[reg]
+            same = t is not None and t["lam"] in {r["lam"] for r in rs} and \
+                t.get("config") == rs[0].get("config")
+            return t if same else None
 
         def times(reg: str, by_reg: dict[str, list[dict[str, Any]]] = by_reg
                   ) -> tuple[list[float], list[float], bool]:
