@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from regnde.experiments import checkpoint
-from regnde.experiments.runner import HISTORY, RESULTS, RESULTS_FORMAT
+from regnde.experiments.runner import HISTORY, RESULTS, RESULTS_FORMAT, _slug
 
 #: Key added to each found result: the directory of its ``results.json`` (and history).
 RUN_DIR = "run_dir"
@@ -181,8 +181,13 @@ GLOBAL = ("global-error", "global-stiffness")
 def training_cost(r: dict[str, Any]) -> tuple[float, float, float] | None:
     """``(training seconds, forward evaluations per iteration (solve and regularizer), ms per
     evaluation)`` from the run's ``history.json``; ``None`` where it has none."""
-    path = Path(r.get(RUN_DIR, "")) / HISTORY
-    if RUN_DIR not in r or not path.exists():
+    if RUN_DIR not in r:
+        return None
+    run_dir = Path(r[RUN_DIR])  # a sweep keeps the chosen candidate's history beside it
+    where = [run_dir / HISTORY] + ([run_dir / f"lam={_slug(r['lam'])}" / HISTORY]
+                                   if "lam" in r else [])
+    path = next((p for p in where if p.exists()), None)
+    if path is None:
         return None
     history = json.loads(path.read_text())
     evals = sum(h["nfe"] + h.get("nfe_reg", 0.0) for h in history)
