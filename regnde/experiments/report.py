@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from regnde.experiments import checkpoint
-from regnde.experiments.runner import HISTORY, RESULTS, RESULTS_FORMAT, _slug
+from regnde.experiments.runner import HISTORY, RESULTS, RESULTS_FORMAT, candidate_dir
 
 #: Key added to each found result: the directory of its ``results.json`` (and history).
 RUN_DIR = "run_dir"
@@ -184,7 +184,7 @@ def training_cost(r: dict[str, Any]) -> tuple[float, float, float] | None:
     if RUN_DIR not in r:
         return None
     run_dir = Path(r[RUN_DIR])  # a sweep keeps the chosen candidate's history beside it
-    where = [run_dir / HISTORY] + ([run_dir / f"lam={_slug(r['lam'])}" / HISTORY]
+    where = [run_dir / HISTORY] + ([candidate_dir(run_dir, r["lam"]) / HISTORY]
                                    if "lam" in r else [])
     path = next((p for p in where if p.exists()), None)
     if path is None:

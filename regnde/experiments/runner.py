@@ -121,7 +121,7 @@ def run(spec: RunSpec, callback: Callback | None = None) -> dict[str, Any]:
     trained: list[dict[str, Any]] = []
 
     def candidate(lam: str) -> None:
-        where = out if len(candidates) == 1 else out / f"lam={_slug(lam)}"
+        where = out if len(candidates) == 1 else candidate_dir(out, lam)
         exp, history, seconds = train(cls, config, backend, spec, lam, where, callback)
         trained.append({"lam": lam, "dir": str(where), "val": exp.evaluate("val"),
                         "training_seconds": seconds, "exp": exp, "history": history})
@@ -428,8 +428,9 @@ class _StopOnSignal:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _slug(lam: str) -> str:
-    return re.sub(r"[^0-9A-Za-z.:+_-]", "_", lam)
+def candidate_dir(out: Path, lam: str) -> Path:
+    """Where a sweep in ``out`` trains its candidate ``lam``: ``out/lam=<value>``."""
+    return out / f"lam={re.sub(r'[^0-9A-Za-z.:+_-]', '_', lam)}"
 
 
 def _median_seconds(history: list[dict[str, Any]]) -> float | None:
