@@ -5,9 +5,9 @@ the data does not need. This script solves the exact dynamics behind two synthet
 the experiment's solver and tolerances and prints their NFE beside vanilla's (from
 ``benchmarks/results/experiments``), as evidence for BENCHMARKS.md's "why not":
 
-- ``spiral-sde``: the true drift ``A z^3`` alone, and the true SDE (diffusion ``0.2 z``) over
-  ten noise keys; torchsde Milstein from ``dt = 1`` at the experiment's tolerance, ``paths``
-  sampled paths.
+- ``spiral-sde``: the true drift ``A z^3`` alone, and the true SDE (diffusion
+  ``SPIRAL_DIFFUSION * z``) over ten noise keys; torchsde Milstein from ``dt = 1`` at the
+  experiment's tolerance, ``paths`` sampled paths.
 - ``latent-ode``: per series a rotation at its frequency (a state ``(x, y, omega)``, ``omega``
   constant), latent amplitude ``amp`` (the KL term keeps ``z(t0)`` near unit scale), solved by
   dopri5 at the experiment's tolerance on the union of a test batch's observation times, like
@@ -29,7 +29,7 @@ import torch
 import regnde
 from regnde.experiments import data as D
 from regnde.experiments.latent import LatentConfig
-from regnde.experiments.sde import SPIRAL_A, SpiralConfig
+from regnde.experiments.sde import SPIRAL_A, SPIRAL_DIFFUSION, SpiralConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "experiments"
 
@@ -69,7 +69,8 @@ def spiral() -> None:
     kw = dict(backend="torchsde", method=c.method, rtol=c.rtol, atol=c.atol, adaptive=True,
               dt=c.dt)
     drift = regnde.solve(TrueSpiral(0.0), y0, t, key=0, **kw).stats.nfe
-    noisy = [int(regnde.solve(TrueSpiral(0.2), y0, t, key=k, **kw).stats.nfe) for k in range(10)]
+    true = TrueSpiral(SPIRAL_DIFFUSION)
+    noisy = [int(regnde.solve(true, y0, t, key=k, **kw).stats.nfe) for k in range(10)]
     print(f"spiral-sde ({c.method}, rtol=atol={c.rtol:g}, dt={c.dt:g}, {c.paths} paths): true "
           f"drift alone {int(drift)} NFE; true SDE {min(noisy)}-{max(noisy)} (mean "
           f"{statistics.fmean(noisy):.0f}, 10 keys); vanilla's evaluation NFE "

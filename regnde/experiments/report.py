@@ -200,7 +200,6 @@ def training_cost(r: dict[str, Any]) -> tuple[float, float, float] | None:
 #: A factor of the training time counts as a reason only when it is this much larger: quiet
 #: timing passes of one run repeat to within a few per cent.
 TIMING_NOISE = 1.05
-NOISE_PCT = round((TIMING_NOISE - 1) * 100)
 
 
 def local_vs_global(runs: dict[str, dict[str, Any]]) -> list[str]:
@@ -209,17 +208,18 @@ def local_vs_global(runs: dict[str, dict[str, Any]]) -> list[str]:
     regularizer train slower where it does (the issue's "at equal NFE": the time per
     evaluation; a factor within :data:`TIMING_NOISE` of the other row's is no reason).
     ``runs``: per row, the run whose times the table shows."""
+    cost = {reg: training_cost(runs[reg]) for reg in (*LOCAL, *GLOBAL) if reg in runs}
     out = []
-    for loc in (r for r in LOCAL if r in runs):
-        for glo in (r for r in GLOBAL if r in runs):
-            a, b = training_cost(runs[loc]), training_cost(runs[glo])
+    for loc in (r for r in LOCAL if r in cost):
+        for glo in (r for r in GLOBAL if r in cost):
+            a, b = cost[loc], cost[glo]
             if a is None or b is None:
                 continue
             why = [w for w, worse in (
                 ("more evaluations per iteration", a[1] > TIMING_NOISE * b[1]),
                 ("more time per evaluation", a[2] > TIMING_NOISE * b[2])) if worse]
-            verdict = "faster" if a[0] < b[0] else \
-                f"slower ({' and '.join(why) or f'each factor within {NOISE_PCT} %'})"
+            noise = f"each factor within {(TIMING_NOISE - 1) * 100:.0f} %"
+            verdict = "faster" if a[0] < b[0] else f"slower ({' and '.join(why) or noise})"
             out.append(f"{loc} vs {glo}: {a[0]:.1f} s vs {b[0]:.1f} s of training, "
                        f"{a[1]:.1f} vs {b[1]:.1f} evaluations per iteration at {a[2]:.2f} vs "
                        f"{b[2]:.2f} ms each: local trains {verdict}.")

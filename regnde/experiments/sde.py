@@ -26,6 +26,8 @@ from regnde.experiments.node import Classifier, ClassifierExperiment, DigitsConf
 from regnde.experiments.torch_common import Output, TimeMLP, TorchExperiment
 
 SPIRAL_A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
+#: The true spiral SDE's diagonal diffusion ``SPIRAL_DIFFUSION * z``.
+SPIRAL_DIFFUSION = 0.2
 
 
 def _need_torchsde(name: str, backend: str) -> None:
@@ -116,7 +118,8 @@ def spiral_moments(n: int, n_times: int, seed: int, substeps: int = 100
     means, variances = [z.mean(0)], [z.var(0)]
     for _ in range(n_times - 1):
         for _ in range(substeps):
-            z = z + (z**3) @ SPIRAL_A * h + 0.2 * z * rng.normal(0, np.sqrt(h), z.shape)
+            dw = rng.normal(0, np.sqrt(h), z.shape)
+            z = z + (z**3) @ SPIRAL_A * h + SPIRAL_DIFFUSION * z * dw
         means.append(z.mean(0))
         variances.append(z.var(0))
     return np.array(means), np.array(variances)
